@@ -1,0 +1,1 @@
+"""Export and engine-build steps (ONNX, TensorRT, MLLM)."""

@@ -1,0 +1,46 @@
+"""The adaptive router: send easy queries straight to SAM 3 (METHOD.md section 2).
+
+The threshold grows with the question's length: ``T = 0.1 * 2 ** (n - 1)`` for ``n`` words
+(1 word 0.1, 2 words 0.2, 3 words 0.4, 4 words 0.8, 5 words 1.6). It is left unclipped so that
+``T >= 1`` says plainly that the probe can never accept and need not run at all.
+"""
+
+from __future__ import annotations
+
+import re
+
+_PARENTHETICAL = re.compile(r"\([^)]*\)")
+
+
+def word_count(question: str, *, strip_parentheticals: bool = True) -> int:
+    """Whitespace words of ``question``, parentheticals ``(...)`` removed first by default."""
+    if strip_parentheticals:
+        question = _PARENTHETICAL.sub("", question).strip()
+    return len(question.split())
+
+
+def threshold(question: str, *, strip_parentheticals: bool = True) -> float:
+    """Presence threshold for ``question``; raises ``ValueError`` on an empty question."""
+    if not question.strip():
+        raise ValueError("question is empty: give the concept to segment, e.g. 'red car'")
+    n = word_count(question, strip_parentheticals=strip_parentheticals)
+    return 0.1 * 2 ** (n - 1)
+
+
+def needs_probe(question: str, *, strip_parentheticals: bool = True) -> bool:
+    """Whether a SAM 3 presence probe could accept this question (``T < 1``)."""
+    return threshold(question, strip_parentheticals=strip_parentheticals) < 1
+
+
+def accepts(
+    presence: float,
+    question: str,
+    *,
+    strip_parentheticals: bool = True,
+    inclusive: bool = True,
+) -> bool:
+    """Fast path? ``presence >= T`` (``>`` with ``inclusive=False``, as the single-example script)."""
+    t = threshold(question, strip_parentheticals=strip_parentheticals)
+    if t >= 1:
+        return False
+    return presence >= t if inclusive else presence > t
