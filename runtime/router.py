@@ -12,11 +12,14 @@ import re
 _PARENTHETICAL = re.compile(r"\([^)]*\)")
 
 
+def strip(question: str) -> str:
+    """``question`` without parentheticals ``(...)``, as the benchmark code feeds SAM 3."""
+    return _PARENTHETICAL.sub("", question).strip()
+
+
 def word_count(question: str, *, strip_parentheticals: bool = True) -> int:
     """Whitespace words of ``question``, parentheticals ``(...)`` removed first by default."""
-    if strip_parentheticals:
-        question = _PARENTHETICAL.sub("", question).strip()
-    return len(question.split())
+    return len((strip(question) if strip_parentheticals else question).split())
 
 
 def threshold(question: str, *, strip_parentheticals: bool = True) -> float:

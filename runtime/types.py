@@ -71,6 +71,7 @@ class Result:
     text: str = ""  # raw MLLM completion
     bbox: Box | None = None  # answer box mapped to the target image
     check: Box | None = None  # proxy box mapped to reference 0's image
+    tokens: int = 0  # generated tokens (reason route)
     timings_ms: dict[str, float] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +86,7 @@ class Result:
             "rule": self.answer.rule,
             "bbox": list(self.bbox) if self.bbox else None,
             "check": list(self.check) if self.check else None,
+            "tokens": self.tokens,
             "mask_pixels": int(self.mask.sum()),
             "mask_size_hw": list(self.mask.shape),
             "text": self.text,

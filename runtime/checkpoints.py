@@ -1,0 +1,256 @@
+"""Checkpoints in the published layouts: synthetic writers and the loaders that read them.
+
+``DIR/mllm``: a ConceptSeg-R1 checkpoint as released: HF Qwen2.5-VL ``config.json`` (text fields
+at the top level, ``vision_config`` nested, ``num_of_query``), safetensors with the MLLM under the
+transformers-4.51 names (``model.*``, ``visual.*``, ``lm_head.*``) *and* the CTM under the reference
+names (``learnable_query.*``, ``connector.*``, ``proj_to_sam.*``), tokenizer files, chat template,
+``preprocessor_config.json`` and ``generation_config.json``.
+
+``DIR/sam3``: HF ``Sam3Model`` format (``config.json`` + ``model.safetensors``) with the CLIP
+tokenizer files and the image processor config.
+
+Loaders never consult a hub: they read these files, split MLLM and CTM weights by key prefix and
+take Q and H from tensor shapes. Synthetic weights are random (seeded); masks made with them mean
+nothing, which every user-facing output says.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conceptseg import vocab
+from conceptseg.backends.ctm import CTM_PREFIXES, ConceptTranslationModule
+from conceptseg.types import RequestError
+
+SYNTHETIC_MARKER = "conceptseg_synthetic.json"
+
+
+@dataclass(frozen=True)
+class MllmSize:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mrope_section: tuple[int, int, int]
+    tie: bool
+    vision_depth: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_heads: int
+    fullatt: tuple[int, ...]
+    num_queries: int = 8
+
+
+MLLM_SIZES = {
+    # Tiny: the real structure (window + full-attention vision blocks, GQA, M-RoPE), seconds on a CPU.
+    "tiny": MllmSize(64, 128, 2, 4, 2, (2, 3, 3), True, 2, 32, 64, 2, (1,)),
+    # Qwen2.5-VL-3B-Instruct's architecture (hidden 2048: the CTM's H for the 3B model).
+    "real-3b": MllmSize(2048, 11008, 36, 16, 2, (16, 24, 24), True, 32, 1280, 3420, 16, (7, 15, 23, 31)),
+}
+
+
+def mllm_config(size: MllmSize) -> dict[str, Any]:
+    """``config.json`` of a ConceptSeg-R1 MLLM in the published (transformers 4.51) layout."""
+    return {
+        "architectures": ["ConceptSegR1ForConditionalGeneration_qwen2p5"],
+        "model_type": "qwen2_5_vl",
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000,
+        "max_window_layers": 70,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(size.mrope_section)},
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": size.tie,
+        "vocab_size": 151936,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "num_of_query": size.num_queries,
+        "vision_config": {
+            "model_type": "qwen2_5_vl",
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden,
+            "intermediate_size": size.vision_intermediate,
+            "num_heads": size.vision_heads,
+            "out_hidden_size": size.hidden,
+            "fullatt_block_indexes": list(size.fullatt),
+            "hidden_act": "silu",
+            "in_chans": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "tokens_per_second": 2,
+            "window_size": 112,
+        },
+    }
+
+
+GENERATION_CONFIG = {
+    # Qwen2.5-VL-Instruct's shipped generation config; greedy decoding still applies the penalty.
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "eos_token_id": [151645, 151643],
+    "do_sample": True,
+    "repetition_penalty": 1.05,
+    "temperature": 0.1,
+    "top_p": 0.001,
+    "top_k": 1,
+}
+
+PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+# transformers 5 module names -> the names published checkpoints use (4.51 layout).
+_TO_PUBLISHED = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def _published_name(key: str) -> str:
+    for new, old in _TO_PUBLISHED:
+        if key.startswith(new):
+            return old + key[len(new) :]
+    return key
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_synthetic_mllm(out: Path, size_name: str, seed: int) -> None:
+    """Random-weight ConceptSeg-R1 MLLM + CTM checkpoint in the published layout."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    size = MLLM_SIZES[size_name]
+    config = mllm_config(size)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
+        ctm = ConceptTranslationModule(size.num_queries, size.hidden)
+    nn_init_ctm(ctm, seed)
+    dtype = torch.float32 if size_name == "tiny" else torch.bfloat16
+    tensors = {_published_name(k): v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors |= {k: v.to(dtype).contiguous() for k, v in ctm.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    _save_sharded(tensors, out)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", GENERATION_CONFIG)
+    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    vocab.write_qwen_tokenizer(out)
+
+
+def nn_init_ctm(ctm: ConceptTranslationModule, seed: int) -> None:
+    """Give the CTM non-trivial weights (the reference zero-initialises ``pos_embed``)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in ctm.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02, generator=generator)
+            elif "norm" in name:
+                param.normal_(1.0, 0.02, generator=generator)
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 4 << 30) -> None:
+    """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index, as HF writes them."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][key] = tensor
+        used += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata=meta)
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (single file or sharded with an index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with one of ``prefixes``, from every shard (no other tensor is read)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def check_checkpoint_dir(directory: Path, kind: str, needed: tuple[str, ...]) -> None:
+    """Raise :class:`RequestError` if ``directory`` is not a ``kind`` checkpoint."""
+    field = f"--weights ({kind})"
+    if not directory.is_dir():
+        raise RequestError(field, f"{directory} is not a directory; create one with "
+                           "`conceptseg synth --out DIR` or point at a real checkpoint")  # fmt: skip
+    missing = [n for n in needed if not (directory / n).exists()]
+    if not safetensors_files(directory):
+        missing.append("model.safetensors (or a sharded index)")
+    if missing:
+        raise RequestError(field, f"{directory} lacks {', '.join(missing)}: not a {kind} checkpoint")
+
+
+def load_ctm(directory: Path, dtype: torch.dtype = torch.float32) -> ConceptTranslationModule:
+    """The CTM from a ConceptSeg-R1 MLLM checkpoint (keys ``learnable_query.*``, ``connector.*``...)."""
+    state = read_tensors(directory, CTM_PREFIXES)
+    if "learnable_query.param.weight" not in state:
+        raise RequestError("--weights (mllm)", f"{directory} has no CTM weights "
+                           "(learnable_query.param.weight): is it a ConceptSeg-R1 checkpoint?")  # fmt: skip
+    return ConceptTranslationModule.from_state_dict({k: v.float() for k, v in state.items()}).to(dtype)
+
+
+def is_synthetic(weights: Path) -> bool:
+    return (weights / SYNTHETIC_MARKER).exists()

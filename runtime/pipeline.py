@@ -1,0 +1,153 @@
+"""The one orchestration of a ConceptSeg-R1 request (METHOD.md section 1), over backend Protocols.
+
+The same code runs in-process (torch or ONNX Runtime backends) and inside the Triton BLS model
+(backends that call engine models); only the injected backends differ.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from conceptseg import prompt, router, tags
+from conceptseg.backends.base import CTMBackend, MLLMBackend, SegBackend
+from conceptseg.config import PipelineConfig
+from conceptseg.masks import logits_to_mask
+from conceptseg.mosaic import CANVAS, MAX_REFERENCES, TILE, build_mosaic, from_canvas, resize_target
+from conceptseg.types import Answer, Box, Request, RequestError, Result
+
+
+def check_request(request: Request, cfg: PipelineConfig) -> None:
+    """Raise :class:`RequestError` naming the field for anything the pipeline cannot run on."""
+    w, h = request.image.size
+    if w == 0 or h == 0:
+        raise RequestError("image", f"zero-size image ({w}x{h}); give a non-empty image")
+    if w * h > cfg.max_image_pixels:
+        raise RequestError("image", f"{w}x{h} is over the limit of {cfg.max_image_pixels} pixels; downscale it")
+    question = request.question
+    if not isinstance(question, str) or not question.strip():
+        raise RequestError("prompt", "empty; give the concept to segment, e.g. 'red car'")
+    if len(question) > cfg.max_prompt_chars:
+        raise RequestError("prompt", f"{len(question)} characters, over the limit of {cfg.max_prompt_chars}")
+    if len(request.references) > MAX_REFERENCES:
+        raise RequestError("references", f"got {len(request.references)}; give 0 to {MAX_REFERENCES}")
+    for i, ref in enumerate(request.references):
+        rw, rh = ref.image.size
+        if rw * rh > cfg.max_image_pixels:
+            raise RequestError(f"references[{i}]", f"{rw}x{rh} is over the limit of {cfg.max_image_pixels} pixels")
+
+
+@dataclass
+class _Clock:
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings_ms[name] = self.timings_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def _clip_box(box: Box, size: tuple[int, int]) -> Box:
+    w, h = size
+    x1, y1, x2, y2 = box
+    return (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+
+
+def _finite(box: Box | None) -> Box | None:
+    return box if box is not None and all(math.isfinite(v) for v in box) else None
+
+
+class Pipeline:
+    """``run(request) -> Result``: router probe, fast path or MLLM + CTM + SAM 3."""
+
+    def __init__(
+        self,
+        seg: SegBackend,
+        mllm: MLLMBackend,
+        ctm: CTMBackend,
+        config: PipelineConfig | None = None,
+        versions: dict[str, Any] | None = None,
+    ) -> None:
+        self.seg, self.mllm, self.ctm = seg, mllm, ctm
+        self.cfg = config or PipelineConfig()
+        self.versions = versions or {}
+
+    def run(self, request: Request) -> Result:
+        cfg, clock = self.cfg, _Clock()
+        check_request(request, cfg)
+        question = request.question.strip()
+        size_hw = (request.image.height, request.image.width)
+        threshold = router.threshold(question, strip_parentheticals=cfg.strip_parentheticals)
+        # 1) SAM 3 image features of the target: computed once, reused by the probe and step 7
+        with clock.step("sam3_image"):
+            features = self.seg.encode_image(request.image)
+        # 2) router probe on the question (skipped when no score could pass: T >= 1)
+        presence = None
+        if cfg.router and threshold < 1:
+            sam_text = router.strip(question) if cfg.strip_parentheticals else question
+            with clock.step("router_probe"):
+                probe = self.seg.segment(features, sam_text)
+            presence = probe.presence
+            accepted = presence >= threshold if cfg.inclusive_threshold else presence > threshold
+            if accepted:
+                # 3') fast path: SAM 3's own mask
+                with clock.step("postprocess"):
+                    mask = logits_to_mask(probe.semantic_logits, size_hw)
+                return self._result(mask, "fast", presence, threshold, clock, Answer(), "")
+        # 3) reference mosaic and the reference prompt; images go in as [mosaic, target]
+        with clock.step("prompt"):
+            mosaic = build_mosaic(request.references) if request.references else None
+            messages = prompt.messages(question, mosaic)
+            target = resize_target(request.image)
+            images = [target] if mosaic is None else [mosaic.image, target]
+        # 4) MLLM: greedy answer, with the final-norm states of the completion captured on the way
+        with clock.step("mllm"):
+            generation = self.mllm.generate(messages, images)
+        clock.timings_ms["mllm_prefill"] = generation.prefill_ms
+        clock.timings_ms["mllm_decode"] = generation.decode_ms
+        # 5) tags: the answer phrase (SAM 3's text) and the boxes (for clients only)
+        answer = tags.parse(generation.text)
+        # 6) CTM: completion states -> Q concept tokens
+        with clock.step("ctm"):
+            concept = self.ctm(generation.hidden)
+        # 7) SAM 3 on the same image features, concept tokens prepended to the answer's text
+        with clock.step("sam3_segment"):
+            out = self.seg.segment(features, answer.answer, concept)
+        with clock.step("postprocess"):
+            mask = logits_to_mask(out.semantic_logits, size_hw)
+        result = self._result(mask, "reason", presence, threshold, clock, answer, generation.text)
+        result.bbox = self._target_box(answer.bbox, request)
+        result.check = self._check_box(answer.check, request, mosaic)
+        result.tokens = len(generation.token_ids)
+        return result
+
+    def _result(self, mask: np.ndarray, route: str, presence: float | None, threshold: float,
+                clock: _Clock, answer: Answer, text: str) -> Result:  # fmt: skip
+        return Result(mask=mask, route=route, presence=presence, threshold=threshold, answer=answer,
+                      text=text, timings_ms=clock.timings_ms, versions=self.versions)  # fmt: skip
+
+    @staticmethod
+    def _target_box(box: Box | None, request: Request) -> Box | None:
+        """``<bbox>`` is written in the 600x600 target frame: map it back to the original pixels."""
+        box = _finite(box)
+        if box is None:
+            return None
+        return _clip_box(from_canvas(box, request.image.size, CANVAS), request.image.size)
+
+    @staticmethod
+    def _check_box(box: Box | None, request: Request, mosaic: Any) -> Box | None:
+        """``<check>`` locates reference 0's concept in its tile: map it to reference 0's pixels."""
+        box = _finite(box)
+        if box is None or mosaic is None or mosaic.proxy_box is None:
+            return None
+        ref_size = request.references[0].image.size
+        return _clip_box(from_canvas(box, ref_size, TILE), ref_size)
