@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from conceptseg import vocab
 from conceptseg.backends.ctm import CTM_PREFIXES, ConceptTranslationModule
 from conceptseg.types import RequestError
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 SYNTHETIC_MARKER = "conceptseg_synthetic.json"
 
@@ -53,7 +52,9 @@ MLLM_SIZES = {
     # Tiny: the real structure (window + full-attention vision blocks, GQA, M-RoPE), seconds on a CPU.
     "tiny": MllmSize(64, 128, 2, 4, 2, (2, 3, 3), True, 2, 32, 64, 2, (1,)),
     # Qwen2.5-VL-3B-Instruct's architecture (hidden 2048: the CTM's H for the 3B model).
-    "real-3b": MllmSize(2048, 11008, 36, 16, 2, (16, 24, 24), True, 32, 1280, 3420, 16, (7, 15, 23, 31)),
+    "real-3b": MllmSize(
+        2048, 11008, 36, 16, 2, (16, 24, 24), True, 32, 1280, 3420, 16, (7, 15, 23, 31)
+    ),
 }
 
 
@@ -161,7 +162,10 @@ def write_synthetic_mllm(out: Path, size_name: str, seed: int) -> None:
         ctm = ConceptTranslationModule(size.num_queries, size.hidden)
     nn_init_ctm(ctm, seed)
     dtype = torch.float32 if size_name == "tiny" else torch.bfloat16
-    tensors = {_published_name(k): v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if size.tie:  # tied output embedding: published checkpoints store it once, as embed_tokens
+        state.pop("lm_head.weight")
+    tensors = {_published_name(k): v.to(dtype).contiguous() for k, v in state.items()}
     tensors |= {k: v.to(dtype).contiguous() for k, v in ctm.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     _save_sharded(tensors, out)
@@ -206,7 +210,10 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 
         save_file(shard, out / name, metadata=meta)
         weight_map |= dict.fromkeys(shard, name)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(
+        out / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -234,23 +241,154 @@ def check_checkpoint_dir(directory: Path, kind: str, needed: tuple[str, ...]) ->
     """Raise :class:`RequestError` if ``directory`` is not a ``kind`` checkpoint."""
     field = f"--weights ({kind})"
     if not directory.is_dir():
-        raise RequestError(field, f"{directory} is not a directory; create one with "
-                           "`conceptseg synth --out DIR` or point at a real checkpoint")  # fmt: skip
+        raise RequestError(
+            field,
+            f"{directory} is not a directory; create one with "
+            "`conceptseg synth --out DIR` or point at a real checkpoint",
+        )
     missing = [n for n in needed if not (directory / n).exists()]
     if not safetensors_files(directory):
         missing.append("model.safetensors (or a sharded index)")
     if missing:
-        raise RequestError(field, f"{directory} lacks {', '.join(missing)}: not a {kind} checkpoint")
+        raise RequestError(
+            field, f"{directory} lacks {', '.join(missing)}: not a {kind} checkpoint"
+        )
 
 
 def load_ctm(directory: Path, dtype: torch.dtype = torch.float32) -> ConceptTranslationModule:
     """The CTM from a ConceptSeg-R1 MLLM checkpoint (keys ``learnable_query.*``, ``connector.*``...)."""
     state = read_tensors(directory, CTM_PREFIXES)
     if "learnable_query.param.weight" not in state:
-        raise RequestError("--weights (mllm)", f"{directory} has no CTM weights "
-                           "(learnable_query.param.weight): is it a ConceptSeg-R1 checkpoint?")  # fmt: skip
-    return ConceptTranslationModule.from_state_dict({k: v.float() for k, v in state.items()}).to(dtype)
+        raise RequestError(
+            "--weights (mllm)",
+            f"{directory} has no CTM weights "
+            "(learnable_query.param.weight): is it a ConceptSeg-R1 checkpoint?",
+        )
+    return ConceptTranslationModule.from_state_dict({k: v.float() for k, v in state.items()}).to(
+        dtype
+    )
 
 
 def is_synthetic(weights: Path) -> bool:
     return (weights / SYNTHETIC_MARKER).exists()
+
+
+def sam3_config(size_name: str) -> Any:
+    """HF ``Sam3Config``: the published architecture (``real-3b``) or a tiny one of the same structure.
+
+    Tiny keeps every part (windowed + global ViT blocks with axial RoPE, FPN, causal CLIP text
+    encoder with 32 positions and the real vocabulary, geometry encoder, DETR encoder/decoder with
+    presence token, mask decoder with semantic head) and the 256-d prompt width the CTM feeds.
+    """
+    from transformers import (
+        CLIPTextConfig,
+        Sam3Config,
+        Sam3DETRDecoderConfig,
+        Sam3DETREncoderConfig,
+        Sam3GeometryEncoderConfig,
+        Sam3MaskDecoderConfig,
+        Sam3VisionConfig,
+        Sam3ViTConfig,
+    )
+
+    if size_name == "real-3b":
+        return Sam3Config()
+    image, patch, window, d, heads = 112, 14, 4, 256, 2
+    grid = image // patch
+    backbone = Sam3ViTConfig(
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=image,
+        patch_size=patch,
+        pretrain_image_size=window * patch,
+        window_size=window,
+        global_attn_indexes=[1, 3],
+    )
+    vision = Sam3VisionConfig(
+        backbone_config=backbone,
+        fpn_hidden_size=d,
+        scale_factors=[4.0, 2.0, 1.0, 0.5],
+        backbone_feature_sizes=[[4 * grid] * 2, [2 * grid] * 2, [grid] * 2],
+    )
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        max_position_embeddings=32,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    small = {"hidden_size": d, "num_attention_heads": heads, "intermediate_size": 2 * d}
+    return Sam3Config(
+        vision_config=vision,
+        text_config=text,
+        geometry_encoder_config=Sam3GeometryEncoderConfig(num_layers=1, roi_size=7, **small),
+        detr_encoder_config=Sam3DETREncoderConfig(num_layers=1, **small),
+        detr_decoder_config=Sam3DETRDecoderConfig(num_layers=2, num_queries=8, **small),
+        mask_decoder_config=Sam3MaskDecoderConfig(
+            hidden_size=d, num_upsampling_stages=3, num_attention_heads=heads
+        ),
+    )
+
+
+def write_synthetic_sam3(out: Path, size_name: str, seed: int) -> None:
+    """Random-weight HF ``Sam3Model`` checkpoint + CLIP tokenizer + image processor config."""
+    from conceptseg.backends.hf_mllm import quiet_transformers
+    from transformers import Sam3ImageProcessor, Sam3Model
+
+    quiet_transformers()
+    config = sam3_config(size_name)
+    torch.manual_seed(seed)
+    model = Sam3Model(config).eval()
+    model.save_pretrained(out)
+    side = config.vision_config.backbone_config.image_size
+    Sam3ImageProcessor(size={"height": side, "width": side}).save_pretrained(out)
+    vocab.write_clip_tokenizer(out)
+
+
+def synth(out: Path, size_name: str = "tiny", seed: int = 0) -> Path:
+    """Write ``out/mllm`` and ``out/sam3`` with random weights; mark the directory as synthetic."""
+    if size_name not in MLLM_SIZES:
+        raise RequestError("--size", f"{size_name!r} is not one of {sorted(MLLM_SIZES)}")
+    out = Path(out)
+    write_synthetic_mllm(out / "mllm", size_name, seed)
+    write_synthetic_sam3(out / "sam3", size_name, seed)
+    _write_json(
+        out / SYNTHETIC_MARKER,
+        {
+            "size": size_name,
+            "seed": seed,
+            "note": "random weights: masks and answers are meaningless until real checkpoints are given",
+        },
+    )
+    return out
+
+
+def check_weights(weights: Path) -> tuple[Path, Path]:
+    """``(weights/mllm, weights/sam3)`` after checking both are checkpoints of the right kind."""
+    weights = Path(weights)
+    if not weights.is_dir():
+        raise RequestError(
+            "--weights",
+            f"{weights} is not a directory; create one with "
+            f"`conceptseg synth --out {weights}` or point at real checkpoints",
+        )
+    mllm, sam3 = weights / "mllm", weights / "sam3"
+    check_checkpoint_dir(
+        mllm, "mllm", ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+    )
+    check_checkpoint_dir(sam3, "sam3", ("config.json", "vocab.json", "merges.txt"))
+    for directory, kind in ((mllm, "qwen2_5_vl"), (sam3, "sam3")):
+        found = json.loads((directory / "config.json").read_text()).get("model_type")
+        if found != kind:
+            raise RequestError(
+                f"--weights ({directory.name})",
+                f"{directory}/config.json has model_type {found!r}, expected {kind!r}",
+            )
+    return mllm, sam3

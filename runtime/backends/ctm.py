@@ -32,7 +32,9 @@ class _CrossAttention(nn.Module):
         self.kv = nn.Linear(h, 2 * h)
         self.proj = nn.Linear(h, h)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, q_len, h = query.shape
         k_len = keys.shape[1]
         q = self.q(query).reshape(b, q_len, self.heads, -1).transpose(1, 2)  # (B, heads, Q, hd)
@@ -62,7 +64,9 @@ class _Block(nn.Module):
         self.attn = _CrossAttention(h, heads)
         self.mlp = _Mlp(h)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         query = query + self.attn(self.norm0(query), self.norm1(keys), key_mask)
         return query + self.mlp(self.norm2(query))
 
@@ -77,12 +81,16 @@ class _Connector(nn.Module):
 class ConceptTranslationModule(nn.Module):
     """``forward(hidden (B, S, H), key_mask (B, S) of 1 = valid) -> concept tokens (B, Q, 256)``."""
 
-    def __init__(self, num_queries: int, hidden_size: int, depth: int = DEPTH, heads: int = HEADS) -> None:
+    def __init__(
+        self, num_queries: int, hidden_size: int, depth: int = DEPTH, heads: int = HEADS
+    ) -> None:
         super().__init__()
         assert hidden_size % heads == 0, f"hidden size {hidden_size} not divisible by {heads} heads"
         self.learnable_query = _Query(num_queries, hidden_size)
         self.connector = _Connector(num_queries, hidden_size, depth, heads)
-        self.proj_to_sam = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, SAM_DIM))
+        self.proj_to_sam = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, SAM_DIM)
+        )
 
     @property
     def num_queries(self) -> int:
@@ -103,3 +111,18 @@ class ConceptTranslationModule(nn.Module):
         ctm = cls(q, h, depth=depth)
         ctm.load_state_dict(state, strict=True)
         return ctm.eval()
+
+
+class TorchCtm:
+    """:class:`~conceptseg.backends.base.CTMBackend` over the torch module (one request at a time)."""
+
+    def __init__(self, module: ConceptTranslationModule) -> None:
+        self.module = module.eval()
+
+    @torch.inference_mode()
+    def __call__(self, hidden):  # (L, H) float32 -> (Q, 256) float32
+        import numpy as np
+
+        param = next(self.module.parameters())
+        h = torch.from_numpy(np.asarray(hidden, np.float32))[None].to(param.device, param.dtype)
+        return self.module(h)[0].float().cpu().numpy()

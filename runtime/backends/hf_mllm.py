@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-
 from conceptseg.backends.base import Generation
+from PIL import Image
 
 VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
 
@@ -33,6 +32,7 @@ def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def load_qwen(directory: Path, dtype: torch.dtype) -> Any:
@@ -43,7 +43,9 @@ def load_qwen(directory: Path, dtype: torch.dtype) -> Any:
     return model.eval()
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """transformers' rule: logits of already-seen ids are divided (>0) or multiplied (<0)."""
     if penalty == 1.0:
         return logits
@@ -68,8 +70,11 @@ class HfMllm:
         self.directory = Path(directory)
         self.model = load_qwen(self.directory, dtype)
         self.processor = AutoProcessor.from_pretrained(self.directory)
-        gen = json.loads((self.directory / "generation_config.json").read_text()) if (
-            self.directory / "generation_config.json").exists() else {}  # fmt: skip
+        gen = (
+            json.loads((self.directory / "generation_config.json").read_text())
+            if (self.directory / "generation_config.json").exists()
+            else {}
+        )
         eos = gen.get("eos_token_id", self.model.config.text_config.eos_token_id)
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.repetition_penalty = float(gen.get("repetition_penalty", 1.0))
@@ -77,7 +82,9 @@ class HfMllm:
         self.max_length = max_length
 
     def prompt_inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         return self.processor(text=[text], images=images, return_tensors="pt")
 
     def _next_token(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
@@ -92,8 +99,10 @@ class HfMllm:
         dtype = model.dtype
         # 1) prefill: vision tower + prompt, building the KV cache
         t0 = time.perf_counter()
-        out = model.model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()},
-                          use_cache=True)  # fmt: skip
+        out = model.model(
+            **{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()},
+            use_cache=True,
+        )
         logits = model.lm_head(out.last_hidden_state[:, -1])
         prefill_ms = (time.perf_counter() - t0) * 1e3
         cache, seen = out.past_key_values, inputs["input_ids"]
@@ -117,6 +126,10 @@ class HfMllm:
                 break
             logits = model.lm_head(out.last_hidden_state[:, -1])
         decode_ms = (time.perf_counter() - t1) * 1e3
-        hidden = torch.stack(states).numpy() if states else np.zeros((0, model.config.text_config.hidden_size), np.float32)
+        hidden = (
+            torch.stack(states).numpy()
+            if states
+            else np.zeros((0, model.config.text_config.hidden_size), np.float32)
+        )
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text, tokens, hidden, prompt_tokens, stopped, prefill_ms, decode_ms)

@@ -6,18 +6,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conceptseg.masks import iou, logits_to_mask, resize_bilinear, to_png
 from PIL import Image
 
-from conceptseg.masks import iou, logits_to_mask, resize_bilinear, to_png
 
-
-@pytest.mark.parametrize("src, dst", [((288, 288), (480, 640)), ((288, 288), (100, 37)), ((5, 7), (5, 7)),
-                                      ((4, 4), (1, 1)), ((1, 3), (9, 2))])  # fmt: skip
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        ((288, 288), (480, 640)),
+        ((288, 288), (100, 37)),
+        ((5, 7), (5, 7)),
+        ((4, 4), (1, 1)),
+        ((1, 3), (9, 2)),
+    ],
+)
 def test_resize_matches_torch(src, dst):
     logits = np.random.default_rng(0).standard_normal(src).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(logits)[None, None], size=dst, mode="bilinear", align_corners=False)
+    expected = F.interpolate(
+        torch.from_numpy(logits)[None, None], size=dst, mode="bilinear", align_corners=False
+    )
     # Same formula; float32 rounding order differs from torch's kernel by a few ulps.
-    np.testing.assert_allclose(resize_bilinear(logits, dst), expected[0, 0].numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        resize_bilinear(logits, dst), expected[0, 0].numpy(), rtol=0, atol=1e-4
+    )
 
 
 def test_threshold_and_png_round_trip():

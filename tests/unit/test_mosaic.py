@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conceptseg.mosaic import CANVAS, TILE, build_mosaic, from_canvas, mask_box, to_canvas
 from conceptseg.types import RequestError
+from PIL import Image
 
 
 def _solid(color, size=(200, 100)):
@@ -23,15 +22,19 @@ def test_tiles_boxes_and_drawing(n):
     refs = [(_solid(c), (50, 25, 150, 75)) for c in colors]  # the middle half of a 200x100 image
     mosaic = build_mosaic(refs)
     assert mosaic.image.size == (CANVAS, CANVAS) and mosaic.image.mode == "RGB"
-    expected = [(75 + (i % 2) * TILE, 75 + (i // 2) * TILE, 224 + (i % 2) * TILE, 224 + (i // 2) * TILE)
-                for i in range(n)]  # fmt: skip
+    expected = [
+        (75 + (i % 2) * TILE, 75 + (i // 2) * TILE, 224 + (i % 2) * TILE, 224 + (i // 2) * TILE)
+        for i in range(n)
+    ]
     assert list(mosaic.boxes) == expected
     assert mosaic.proxy_box == expected[0]
     img = mosaic.image
     # Tile 0's box is withheld: not drawn; boxes of tiles 1.. are red outlines of width 2.
     assert not _is_red(img.getpixel((expected[0][0], 150)))
     for x1, y1, x2, y2 in expected[1:]:
-        assert _is_red(img.getpixel((x1, (y1 + y2) // 2))) and _is_red(img.getpixel((x1 + 1, y1 + 40)))
+        assert _is_red(img.getpixel((x1, (y1 + y2) // 2))) and _is_red(
+            img.getpixel((x1 + 1, y1 + 40))
+        )
         assert not _is_red(img.getpixel((x1 + 3, y1 + 40)))
         assert _is_red(img.getpixel(((x1 + x2) // 2, y2)))
     # Tile colours at their centres, empty tiles black.

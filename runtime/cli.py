@@ -1,0 +1,215 @@
+"""``conceptseg`` command line: synth, segment, demo.
+
+Bad input (a path, a box, a prompt) ends with one line ``error: <argument>: <what and how to
+fix it>`` and exit status 2; never a traceback from inside a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from conceptseg.types import Reference, Request, RequestError, Result
+from PIL import Image, UnidentifiedImageError
+
+SYNTHETIC_BANNER = (
+    "NOTE: these weights are synthetic (random). The pipeline, formats and timings are real; the\n"
+    "mask and the answer are meaningless until real checkpoints are given with --weights."
+)
+
+
+def read_image(path: str, argument: str) -> Image.Image:
+    """Open an image file fully (RGB), or raise RequestError naming ``argument``."""
+    file = Path(path)
+    if not file.is_file():
+        raise RequestError(argument, f"{path} does not exist or is not a file")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RequestError(
+            argument, f"cannot read {path} as an image ({exc}); give a PNG or JPEG"
+        ) from None
+    if rgb.width == 0 or rgb.height == 0:
+        raise RequestError(argument, f"{path} has zero size")
+    return rgb
+
+
+def parse_ref(spec: str, index: int) -> Reference:
+    """``IMG:x1,y1,x2,y2`` (box in that image's pixels) or ``IMG:MASK`` (a mask image, nonzero = concept)."""
+    argument = f"--ref #{index + 1}"
+    image_path, sep, where = spec.rpartition(":")
+    if not sep or not image_path:
+        raise RequestError(argument, f"{spec!r} must be IMG:x1,y1,x2,y2 or IMG:MASK.png")
+    image = read_image(image_path, argument)
+    parts = where.split(",")
+    if len(parts) == 4:
+        try:
+            box = tuple(float(p) for p in parts)
+        except ValueError:
+            raise RequestError(
+                argument, f"box {where!r} must be four numbers x1,y1,x2,y2"
+            ) from None
+        return Reference(image=image, box=box)  # type: ignore[arg-type]
+    if len(parts) > 1:
+        raise RequestError(argument, f"box {where!r} must be four numbers x1,y1,x2,y2")
+    mask = np.asarray(read_image(where, argument).convert("L")) > 0
+    return Reference(image=image, mask=mask)
+
+
+def write_outputs(result: Result, prefix: str) -> tuple[Path, Path]:
+    """``PREFIX.png`` (mask, 255 = concept) and ``PREFIX.json``."""
+    from conceptseg.masks import to_png
+
+    base = Path(prefix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    png, js = base.with_name(base.name + ".png"), base.with_name(base.name + ".json")
+    png.write_bytes(to_png(result.mask))
+    js.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return png, js
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from conceptseg import config as cfg
+
+    overrides: dict[str, Any] = {"router": not args.no_router}
+    if args.max_new_tokens:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    try:
+        return cfg.from_env(cfg.from_name(args.preset, **overrides))
+    except (ValueError, AssertionError) as exc:
+        raise RequestError("--preset/--max-new-tokens/CONCEPTSEG_*", str(exc)) from None
+
+
+def _pipeline(args: argparse.Namespace, request: Request) -> Any:
+    """Check the request first (cheap), then load the models."""
+    from conceptseg.backends import build_pipeline
+    from conceptseg.pipeline import check_request
+
+    config = _config(args)
+    check_request(request, config)
+    return build_pipeline(
+        Path(args.weights), backend=args.backend, mllm_backend=args.mllm_backend, config=config
+    )
+
+
+def _report(result: Result, png: Path, js: Path, weights: Path) -> None:
+    from conceptseg.checkpoints import is_synthetic
+
+    shown = result.to_json()
+    if len(shown["text"]) > 300:  # the file keeps all of it
+        shown["text"] = shown["text"][:300] + f"... ({len(shown['text'])} characters, see {js})"
+    print(json.dumps(shown, indent=2))
+    print(f"mask: {png}\nresult: {js}")
+    if is_synthetic(weights):
+        print(SYNTHETIC_BANNER)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from conceptseg.checkpoints import synth
+
+    out = synth(Path(args.out), args.size, args.seed)
+    print(
+        f"wrote synthetic {args.size} checkpoints to {out}/mllm and {out}/sam3 (random weights, seed {args.seed})"
+    )
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    request = Request(
+        image=read_image(args.image, "--image"),
+        question=args.prompt,
+        references=tuple(parse_ref(spec, i) for i, spec in enumerate(args.ref or [])),
+    )
+    result = _pipeline(args, request).run(request)
+    png, js = write_outputs(result, args.out)
+    _report(result, png, js, Path(args.weights))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from conceptseg.checkpoints import synth
+    from conceptseg.samples import sample_request
+
+    weights = Path(args.weights)
+    if not (weights / "mllm").exists() or not (weights / "sam3").exists():
+        print(f"creating synthetic tiny checkpoints in {weights} ...")
+        synth(weights, "tiny", 0)
+    request = sample_request()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    request.image.save(out / "target.png")
+    for i, ref in enumerate(request.references):
+        ref.image.save(out / f"ref{i}.png")
+    print(
+        f"sample: target {out / 'target.png'}, prompt {request.question!r}, {len(request.references)} references"
+    )
+    result = _pipeline(args, request).run(request)
+    png, js = write_outputs(result, str(out / "demo"))
+    _report(result, png, js, weights)
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = None) -> None:
+    p.add_argument(
+        "--weights",
+        required=weights_default is None,
+        default=weights_default,
+        help="directory with mllm/ and sam3/ checkpoints",
+    )
+    p.add_argument("--backend", default="torch", help="SAM 3 and CTM backend: torch")
+    p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf")
+    p.add_argument(
+        "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
+    )
+    p.add_argument(
+        "--no-router", action="store_true", help="always run the MLLM (skip the SAM 3 probe)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=0, help="cap on generated tokens (default 768)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conceptseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write random-weight checkpoints in the published layouts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", default="tiny", choices=["tiny", "real-3b"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("segment", help="segment one image")
+    _add_pipeline_args(p)
+    p.add_argument("--image", required=True, help="target image (PNG/JPEG)")
+    p.add_argument("--prompt", required=True, help="the concept, e.g. 'red mug'")
+    p.add_argument(
+        "--ref",
+        action="append",
+        metavar="IMG:x1,y1,x2,y2",
+        help="reference image + box (0-4 times)",
+    )
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.json")
+    p.set_defaults(func=cmd_segment)
+    p = sub.add_parser(
+        "demo", help="segment the bundled sample (creates synthetic weights if needed)"
+    )
+    _add_pipeline_args(p, weights_default="weights/tiny")
+    p.add_argument("--out", default="out/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

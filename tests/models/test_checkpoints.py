@@ -1,0 +1,105 @@
+"""Synthetic checkpoints in the published layouts and the loaders that read them.
+
+Run: .venv/bin/pytest tests/models/test_checkpoints.py -q
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conceptseg.checkpoints import (
+    MLLM_SIZES,
+    check_weights,
+    load_ctm,
+    mllm_config,
+    read_tensors,
+    sam3_config,
+    synth,
+)
+from conceptseg.types import RequestError
+from safetensors import safe_open
+
+
+def test_layout_and_key_prefixes(tiny_weights):
+    mllm, sam3 = check_weights(tiny_weights)
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "model.safetensors",
+    ]:
+        assert (mllm / name).exists(), name
+    with safe_open(str(mllm / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # published (transformers 4.51) names for the MLLM, reference names for the CTM, nothing else
+    assert {k.split(".")[0] for k in keys} == {
+        "model",
+        "visual",
+        "learnable_query",
+        "connector",
+        "proj_to_sam",
+    }
+    assert "learnable_query.param.weight" in keys and "connector.pos_embed" in keys
+    assert "model.layers.0.self_attn.q_proj.weight" in keys and "visual.merger.mlp.0.weight" in keys
+    assert json.loads((sam3 / "config.json").read_text())["model_type"] == "sam3"
+
+
+def test_ctm_shapes_come_from_tensors(tiny_weights):
+    ctm = load_ctm(tiny_weights / "mllm")
+    assert ctm.num_queries == 8 and ctm.learnable_query.param.weight.shape == (8, 64)
+    assert len(ctm.connector.blocks) == 4
+    state = read_tensors(tiny_weights / "mllm", ("connector.pos_embed",))
+    assert torch.equal(state["connector.pos_embed"], ctm.connector.pos_embed.detach())
+
+
+def test_mllm_loads_all_published_keys(tiny_weights):
+    from conceptseg.backends.hf_mllm import load_qwen
+
+    model = load_qwen(tiny_weights / "mllm", torch.float32)
+    stored = read_tensors(tiny_weights / "mllm", ("model.", "visual."))
+    current = model.state_dict()
+    for key, value in stored.items():
+        name = "model.language_model." + key[6:] if key.startswith("model.") else "model." + key
+        assert torch.equal(current[name], value), key
+
+
+def test_synth_is_deterministic(tmp_path, tiny_weights):
+    again = synth(tmp_path / "again", "tiny", seed=0)
+    for part in ("mllm", "sam3"):
+        a = (tiny_weights / part / "model.safetensors").read_bytes()
+        assert a == (again / part / "model.safetensors").read_bytes(), part
+
+
+def test_real_size_architectures():
+    """The real-3b configs have the published sizes (built on the meta device: no memory)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Sam3Model
+
+    with torch.device("meta"):
+        qwen = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig.from_dict(mllm_config(MLLM_SIZES["real-3b"]))
+        )
+        sam = Sam3Model(sam3_config("real-3b"))
+    assert 3.7e9 < sum(p.numel() for p in qwen.parameters()) < 3.8e9
+    assert sum(p.numel() for p in sam.parameters()) == 840_376_374
+    assert len(sam.state_dict()) == 1468
+
+
+def test_bad_weight_dirs(tmp_path, tiny_weights):
+    with pytest.raises(RequestError, match="--weights: .* is not a directory"):
+        check_weights(tmp_path / "nope")
+    (tmp_path / "empty" / "mllm").mkdir(parents=True)
+    with pytest.raises(RequestError, match=r"--weights \(mllm\): .* lacks config.json"):
+        check_weights(tmp_path / "empty")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_weights / "sam3", swapped / "mllm")
+    shutil.copytree(tiny_weights / "sam3", swapped / "sam3")
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):
+        (swapped / "mllm" / name).write_text("{}")
+    with pytest.raises(RequestError, match="model_type 'sam3', expected 'qwen2_5_vl'"):
+        check_weights(swapped)
+    with pytest.raises(RequestError, match="no CTM weights"):
+        load_ctm(swapped / "mllm")
