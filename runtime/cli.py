@@ -93,8 +93,13 @@ def _pipeline(args: argparse.Namespace, request: Request) -> Any:
 
     config = _config(args)
     check_request(request, config)
+    engines = Path(args.engines) if args.engines else None
     return build_pipeline(
-        Path(args.weights), backend=args.backend, mllm_backend=args.mllm_backend, config=config
+        Path(args.weights),
+        backend=args.backend,
+        mllm_backend=args.mllm_backend,
+        engines=engines,
+        config=config,
     )
 
 
@@ -152,6 +157,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _report(result, png, js, weights)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from conceptseg_export.onnx_export import from_cli_args
+    from conceptseg_export.onnx_export import main as export_main
+
+    export_main(from_cli_args(args))
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = None) -> None:
     p.add_argument(
         "--weights",
@@ -159,7 +171,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None =
         default=weights_default,
         help="directory with mllm/ and sam3/ checkpoints",
     )
-    p.add_argument("--backend", default="torch", help="SAM 3 and CTM backend: torch")
+    p.add_argument("--backend", default="torch", help="SAM 3 and CTM backend: torch or onnxruntime")
+    p.add_argument(
+        "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime"
+    )
     p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf")
     p.add_argument(
         "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
@@ -180,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "real-3b"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("export", help="export SAM 3 and the CTM to ONNX (+ manifests)")
+    from conceptseg_export.onnx_export import add_cli_args
+
+    add_cli_args(p)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("segment", help="segment one image")
     _add_pipeline_args(p)
     p.add_argument("--image", required=True, help="target image (PNG/JPEG)")

@@ -136,7 +136,8 @@ class Pipeline:
         answer = tags.parse(generation.text)
         # 6) CTM: completion states -> Q concept tokens
         with clock.step("ctm"):
-            concept = self.ctm(generation.hidden)
+            # no generated token (prompt already at the length cap): nothing for the CTM to read
+            concept = self.ctm(generation.hidden) if len(generation.hidden) else None
         # 7) SAM 3 on the same image features, concept tokens prepended to the answer's text
         with clock.step("sam3_segment"):
             out = self.seg.segment(features, answer.answer, concept)

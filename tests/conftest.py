@@ -12,3 +12,13 @@ def tiny_weights(tmp_path_factory) -> Path:
     from conceptseg.checkpoints import synth
 
     return synth(tmp_path_factory.mktemp("weights") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_weights, tmp_path_factory) -> Path:
+    """All four graphs exported from the tiny checkpoints through the CLI."""
+    from conceptseg.cli import main
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    assert main(["export", "--weights", str(tiny_weights), "--out", str(out)]) == 0
+    return out

@@ -13,7 +13,7 @@ from typing import Any
 from conceptseg.config import PipelineConfig
 from conceptseg.types import RequestError
 
-SEG_BACKENDS = ("torch",)
+SEG_BACKENDS = ("torch", "onnxruntime")
 MLLM_BACKENDS = ("hf",)
 
 
@@ -39,9 +39,15 @@ def build_pipeline(
     *,
     backend: str = "torch",
     mllm_backend: str = "hf",
+    engines: Path | None = None,
     config: PipelineConfig | None = None,
+    threads: int | None = None,
 ) -> Any:
-    """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``."""
+    """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``.
+
+    ``backend`` serves SAM 3 and the CTM: ``torch`` (the reference modules) or ``onnxruntime``
+    (the graphs exported into ``engines``).
+    """
     from conceptseg.backends.ctm import TorchCtm
     from conceptseg.backends.hf_mllm import HfMllm
     from conceptseg.backends.torch_sam3 import TorchSam3
@@ -54,8 +60,16 @@ def build_pipeline(
         raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
-    seg = TorchSam3(sam3_dir)
+    if backend == "onnxruntime":
+        from conceptseg.backends.ort import OrtCtm, OrtSam3
+
+        if engines is None:
+            raise RequestError("--engines", "--backend onnxruntime needs the exported graphs: "
+                               "run `conceptseg export --weights DIR --out ENGINES` first")  # fmt: skip
+        seg: Any = OrtSam3(engines, threads=threads)
+        ctm: Any = OrtCtm(engines, threads=threads)
+    else:
+        seg, ctm = TorchSam3(sam3_dir), TorchCtm(load_ctm(mllm_dir))
     mllm = HfMllm(mllm_dir, max_new_tokens=config.max_new_tokens, max_length=config.max_length)
-    ctm = TorchCtm(load_ctm(mllm_dir))
-    info = versions(weights, backend=backend, mllm_backend=mllm_backend)
+    info = versions(weights, backend=backend, mllm_backend=mllm_backend, engines=str(engines or ""))
     return Pipeline(seg, mllm, ctm, config, info)

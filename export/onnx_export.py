@@ -1,0 +1,363 @@
+"""``conceptseg export``: SAM 3 (vision, text, heads) and the CTM to ONNX, with manifests.
+
+Each graph: an export-only wrapper (``graphs.py``), an eager run on dummy inputs whose keys are
+the ONNX input names, ``torch.onnx.export`` (TorchScript exporter, opset 18, named dynamic axes),
+then an ONNX Runtime run on the same inputs and on another batch size. The measured differences
+go into ``<graph>.json`` beside the graph, with its inputs/outputs, opset, source checkpoint hash
+and package versions. ``manifest.json`` ties the directory together (source checkpoint paths,
+prompt layout, CTM sequence buckets) so that the runtime needs nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from conceptseg_export.graphs import (
+    GRAPHS,
+    SAM3_PARTS,
+    CtmGraph,
+    HeadsGraph,
+    TextGraph,
+    VisionGraph,
+)
+
+TEXT_CONTEXT = 32
+CTM_BUCKETS = (128, 256, 512, 768)
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in <graph>.onnx.data
+
+
+@dataclass
+class ExportConfig:
+    """What to export and where."""
+
+    weights: Path = field(metadata={"help": "directory with mllm/ and sam3/ checkpoints"})
+    out: Path = field(metadata={"help": "output directory, e.g. engines/tiny"})
+    parts: str = field(
+        default="all", metadata={"help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm"}
+    )
+    top_k: int = field(default=16, metadata={"help": "instances returned by the heads graph"})
+    q_max: int = field(
+        default=0, metadata={"help": "concept slots in the heads prompt (0: the CTM's Q)"}
+    )
+    opset: int = field(default=18, metadata={"help": "ONNX opset"})
+
+    def part_list(self) -> list[str]:
+        parts = (
+            list(GRAPHS)
+            if self.parts == "all"
+            else [p.strip() for p in self.parts.split(",") if p.strip()]
+        )
+        unknown = sorted(set(parts) - set(GRAPHS))
+        if unknown:
+            from conceptseg.types import RequestError
+
+            raise RequestError("--parts", f"unknown {unknown}; choose from {list(GRAPHS)} or 'all'")
+        return parts
+
+
+def add_cli_args(parser: argparse.ArgumentParser, cls: type = ExportConfig) -> None:
+    """One ``--flag`` per dataclass field (underscores become dashes)."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = Path if f.type in ("Path", Path) else int if f.type in ("int", int) else str
+        if f.default is MISSING:  # no default: required
+            parser.add_argument(flag, type=kind, required=True, help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help"))
+
+
+def from_cli_args(args: argparse.Namespace, cls: type = ExportConfig) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import conceptseg
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "conceptseg": conceptseg.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _describe(
+    arrays: dict[str, np.ndarray], dynamic: dict[str, dict[int, str]]
+) -> list[dict[str, Any]]:
+    out = []
+    for name, array in arrays.items():
+        shape: list[int | str] = list(array.shape)
+        for axis, label in dynamic.get(name, {}).items():
+            shape[axis] = label
+        out.append({"name": name, "shape": shape, "dtype": str(array.dtype)})
+    return out
+
+
+def _diff(
+    ours: list[np.ndarray], ref: list[np.ndarray], names: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    report = {}
+    for name, a, b in zip(names, ours, ref, strict=True):
+        delta = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        report[name] = {
+            "max_abs": float(delta.max(initial=0.0)),
+            "max_rel": float((delta / (np.abs(b) + 1e-6)).max(initial=0.0)),
+        }
+    return report
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: torch.nn.Module
+    inputs: Callable[[int], dict[str, torch.Tensor]]  # batch size -> dummy inputs
+    dynamic: dict[str, dict[int, str]]
+    source_hash: str
+
+
+def _run_eager(module: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(**feeds)
+    out = out if isinstance(out, tuple) else (out,)
+    return [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in out]
+
+
+def _export(spec: GraphSpec, path: Path, input_names: tuple[str, ...], output_names: tuple[str, ...],
+            feeds: dict[str, torch.Tensor], opset: int) -> None:  # fmt: skip
+    torch.onnx.export(
+        spec.module,
+        tuple(feeds.values()),
+        str(path),
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_axes=spec.dynamic,
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
+    """Export one graph, check it under ONNX Runtime at batch 2 and 1, write its manifest."""
+    import onnx
+    import onnxruntime as ort
+
+    input_names, output_names = GRAPHS[spec.name]
+    path = out_dir / f"{spec.name}.onnx"
+    feeds = spec.inputs(2)
+    assert tuple(feeds) == input_names, (
+        f"dummy input keys {tuple(feeds)} != ONNX names {input_names}"
+    )
+    reference = _run_eager(spec.module, feeds)  # one eager run before export
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # The tracer's notes on shape checks and Python bools; parity below is what counts.
+        warnings.simplefilter("ignore")
+        _export(spec, path, input_names, output_names, feeds, opset)
+    export_s = time.perf_counter() - start
+    weights_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+    if weights_bytes > EXTERNAL_DATA_BYTES:
+        model = onnx.load(str(path))
+        for stale in out_dir.glob(f"{spec.name}.onnx*"):
+            stale.unlink()
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{spec.name}.onnx.data")  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    parity = {}
+    for batch in (2, 1):
+        batch_feeds = feeds if batch == 2 else spec.inputs(1)
+        ref = reference if batch == 2 else _run_eager(spec.module, batch_feeds)
+        ours = session.run(list(output_names), {k: v.numpy() for k, v in batch_feeds.items()})
+        parity[f"batch{batch}"] = _diff(ours, ref, output_names)
+    manifest = {
+        "graph": spec.name,
+        "file": path.name,
+        "external_data": f"{spec.name}.onnx.data" if weights_bytes > EXTERNAL_DATA_BYTES else None,
+        "opset": opset,
+        "inputs": _describe({k: v.numpy() for k, v in feeds.items()}, spec.dynamic),
+        "outputs": _describe(dict(zip(output_names, reference, strict=True)), spec.dynamic),
+        "source_sha256": spec.source_hash,
+        "parity_vs_torch_fp32": parity,
+        "export_seconds": round(export_s, 2),
+        "versions": _versions(),
+    }
+    (out_dir / f"{spec.name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec]:
+    from conceptseg.backends.hf_mllm import quiet_transformers
+    from conceptseg.backends.torch_sam3 import Sam3Tokenizer
+    from conceptseg.checkpoints import safetensors_files
+    from transformers import Sam3Model
+
+    quiet_transformers()
+    model = Sam3Model.from_pretrained(sam3_dir).eval()
+    model.set_attn_implementation(
+        "eager"
+    )  # exportable attention everywhere (sdpa breaks the heads)
+    side = model.config.vision_config.backbone_config.image_size
+    top_k = min(cfg.top_k, model.config.detr_decoder_config.num_queries)
+    source = _sha256_files(safetensors_files(sam3_dir))
+    tokenize = Sam3Tokenizer(sam3_dir)
+    generator = torch.Generator().manual_seed(0)
+    vision = VisionGraph(model).eval()
+    with torch.no_grad():
+        levels = vision(torch.randn(2, 3, side, side, generator=generator))
+    width = levels[0].shape[1]
+
+    def image_inputs(b: int) -> dict[str, torch.Tensor]:
+        return {"image": torch.randn(b, 3, side, side, generator=torch.Generator().manual_seed(b))}
+
+    def text_inputs(b: int) -> dict[str, torch.Tensor]:
+        pairs = [tokenize(t) for t in ("a red car", "the mug with a handle on the left")[:b]]
+        return {
+            "input_ids": torch.from_numpy(np.concatenate([p[0] for p in pairs])),
+            "attention_mask": torch.from_numpy(np.concatenate([p[1] for p in pairs])),
+        }
+
+    def heads_inputs(b: int) -> dict[str, torch.Tensor]:
+        length = q_max + TEXT_CONTEXT
+        mask = torch.ones(b, length, dtype=torch.long)
+        mask[:, q_max + 6 :] = 0  # six text tokens
+        mask[-1, : q_max // 2] = 0  # the last row uses only half of the concept slots
+        return {
+            "fpn0": levels[0][:b],
+            "fpn1": levels[1][:b],
+            "fpn2": levels[2][:b],
+            "prompt": torch.randn(b, length, width, generator=torch.Generator().manual_seed(b)),
+            "prompt_mask": mask,
+            "boxes": torch.zeros(b, 1, 4),
+            "box_labels": torch.full((b, 1), -10, dtype=torch.long),
+        }
+
+    batch = {0: "batch"}
+    heads_dynamic = {n: batch for n in GRAPHS["sam3_heads"][0] + GRAPHS["sam3_heads"][1]}
+    heads_dynamic |= {n: {0: "batch", 1: "num_boxes"} for n in ("boxes", "box_labels")}
+    return [
+        GraphSpec(
+            "sam3_vision",
+            vision,
+            image_inputs,
+            {n: batch for n in ("image", "fpn0", "fpn1", "fpn2")},
+            source,
+        ),  # fmt: skip
+        GraphSpec(
+            "sam3_text",
+            TextGraph(model).eval(),
+            text_inputs,
+            {n: batch for n in GRAPHS["sam3_text"][0] + GRAPHS["sam3_text"][1]},
+            source,
+        ),  # fmt: skip
+        GraphSpec(
+            "sam3_heads", HeadsGraph(model, top_k).eval(), heads_inputs, heads_dynamic, source
+        ),  # fmt: skip
+    ]
+
+
+def _ctm_spec(mllm_dir: Path) -> GraphSpec:
+    from conceptseg.backends.ctm import CTM_PREFIXES, ConceptTranslationModule
+    from conceptseg.checkpoints import read_tensors
+
+    state = {k: v.float() for k, v in read_tensors(mllm_dir, CTM_PREFIXES).items()}
+    ctm = ConceptTranslationModule.from_state_dict(state)
+    hidden_size = state["learnable_query.param.weight"].shape[1]
+
+    def inputs(b: int) -> dict[str, torch.Tensor]:
+        mask = torch.ones(b, 40, dtype=torch.long)
+        mask[-1, 25:] = 0 if b > 1 else 1
+        return {
+            "hidden": torch.randn(b, 40, hidden_size, generator=torch.Generator().manual_seed(b)),
+            "key_mask": mask,
+        }
+
+    dynamic = {
+        "hidden": {0: "batch", 1: "seq"},
+        "key_mask": {0: "batch", 1: "seq"},
+        "concept": {0: "batch"},
+    }
+    return GraphSpec("ctm", CtmGraph(ctm).eval(), inputs, dynamic, _sha256_tensors(state))
+
+
+def main(cfg: ExportConfig) -> Path:
+    """Export the requested graphs of ``cfg.weights`` into ``cfg.out``; returns ``cfg.out``."""
+    from conceptseg.checkpoints import check_weights, is_synthetic, load_ctm
+
+    parts = cfg.part_list()
+    mllm_dir, sam3_dir = check_weights(cfg.weights)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctm_module = load_ctm(mllm_dir)
+    q_max = cfg.q_max or ctm_module.num_queries
+    specs: list[GraphSpec] = []
+    if set(parts) & set(SAM3_PARTS):
+        specs += [s for s in _sam3_specs(sam3_dir, cfg, q_max) if s.name in parts]
+    if "ctm" in parts:
+        specs.append(_ctm_spec(mllm_dir))
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"graphs": {}}
+    for i, spec in enumerate(specs, 1):
+        print(f"[{i}/{len(specs)}] {spec.name}: exporting ...", flush=True)
+        graph = export_graph(spec, out, cfg.opset)
+        worst = max(
+            v["max_abs"] for b in graph["parity_vs_torch_fp32"].values() for v in b.values()
+        )
+        print(
+            f"[{i}/{len(specs)}] {spec.name}: {graph['export_seconds']} s, max |onnxruntime - torch| = {worst:.2e}"
+        )
+        manifest["graphs"][spec.name] = f"{spec.name}.json"
+    tokenizer_dir = out / "sam3_tokenizer"
+    tokenizer_dir.mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy2(sam3_dir / name, tokenizer_dir / name)
+    manifest.update(
+        {
+            "weights": str(Path(cfg.weights).resolve()),
+            "mllm": str(mllm_dir.resolve()),
+            "sam3": str(sam3_dir.resolve()),
+            "synthetic_weights": is_synthetic(Path(cfg.weights)),
+            "text_context": TEXT_CONTEXT,
+            "q_max": q_max,
+            "num_queries": ctm_module.num_queries,
+            "hidden_size": ctm_module.learnable_query.param.weight.shape[1],
+            "ctm_buckets": list(CTM_BUCKETS),
+            "prompt_layout": f"[concept slots ({q_max}); text ({TEXT_CONTEXT})], mask 0 = unused slot",
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "versions": _versions(),
+        }
+    )
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {out} ({', '.join(manifest['graphs'])})")
+    return out
