@@ -17,13 +17,14 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from conceptseg_export import cli_args
 from conceptseg_export.graphs import (
     GRAPHS,
     SAM3_PARTS,
@@ -67,19 +68,12 @@ class ExportConfig:
         return parts
 
 
-def add_cli_args(parser: argparse.ArgumentParser, cls: type = ExportConfig) -> None:
-    """One ``--flag`` per dataclass field (underscores become dashes)."""
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = Path if f.type in ("Path", Path) else int if f.type in ("int", int) else str
-        if f.default is MISSING:  # no default: required
-            parser.add_argument(flag, type=kind, required=True, help=f.metadata.get("help"))
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata.get("help"))
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    cli_args.add_cli_args(parser, ExportConfig)
 
 
-def from_cli_args(args: argparse.Namespace, cls: type = ExportConfig) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+def from_cli_args(args: argparse.Namespace) -> ExportConfig:
+    return cli_args.from_cli_args(args, ExportConfig)
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -169,9 +163,28 @@ def _export(spec: GraphSpec, path: Path, input_names: tuple[str, ...], output_na
     )
 
 
+def _fold(path: Path, external: bool) -> None:
+    """Fold ``If`` nodes the tracer left on shapes that are fixed (the vision embeddings' checks
+    of the image size; TensorRT's ONNX tooling handles them poorly) with onnxscript's optimizer,
+    and keep big weights in one external file. Graphs without ``If`` are kept as exported (the
+    optimizer's rewrite of the heads graph does not load). The ORT parity check follows."""
+    import onnx
+    import onnxscript.optimizer
+
+    model = onnx.load(str(path))
+    if any(node.op_type == "If" for node in model.graph.node):
+        model = onnxscript.optimizer.optimize(model)
+    for stale in path.parent.glob(f"{path.name}*"):
+        stale.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")  # fmt: skip
+    else:
+        onnx.save_model(model, str(path))
+
+
 def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     """Export one graph, check it under ONNX Runtime at batch 2 and 1, write its manifest."""
-    import onnx
     import onnxruntime as ort
 
     input_names, output_names = GRAPHS[spec.name]
@@ -188,12 +201,8 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
         _export(spec, path, input_names, output_names, feeds, opset)
     export_s = time.perf_counter() - start
     weights_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
-    if weights_bytes > EXTERNAL_DATA_BYTES:
-        model = onnx.load(str(path))
-        for stale in out_dir.glob(f"{spec.name}.onnx*"):
-            stale.unlink()
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{spec.name}.onnx.data")  # fmt: skip
+    external = weights_bytes > EXTERNAL_DATA_BYTES
+    _fold(path, external)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     parity = {}
     for batch in (2, 1):
@@ -204,7 +213,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     manifest = {
         "graph": spec.name,
         "file": path.name,
-        "external_data": f"{spec.name}.onnx.data" if weights_bytes > EXTERNAL_DATA_BYTES else None,
+        "external_data": f"{spec.name}.onnx.data" if external else None,
         "opset": opset,
         "inputs": _describe({k: v.numpy() for k, v in feeds.items()}, spec.dynamic),
         "outputs": _describe(dict(zip(output_names, reference, strict=True)), spec.dynamic),

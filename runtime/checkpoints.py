@@ -157,11 +157,15 @@ def write_synthetic_mllm(out: Path, size_name: str, seed: int) -> None:
     size = MLLM_SIZES[size_name]
     config = mllm_config(size)
     torch.manual_seed(seed)
-    with torch.device("cpu"):
+    dtype = torch.float32 if size_name == "tiny" else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build real sizes directly in bf16: 3B fp32 would need 15 GB
+    try:
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
         ctm = ConceptTranslationModule(size.num_queries, size.hidden)
+    finally:
+        torch.set_default_dtype(previous)
     nn_init_ctm(ctm, seed)
-    dtype = torch.float32 if size_name == "tiny" else torch.bfloat16
     state = model.state_dict()
     if size.tie:  # tied output embedding: published checkpoints store it once, as embed_tokens
         state.pop("lm_head.weight")

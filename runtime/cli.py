@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cli_args(p)
     p.set_defaults(func=cmd_export)
+    from conceptseg_export.trt_build import register
+
+    register(sub)
     p = sub.add_parser("segment", help="segment one image")
     _add_pipeline_args(p)
     p.add_argument("--image", required=True, help="target image (PNG/JPEG)")

@@ -167,3 +167,20 @@ def test_pipeline_onnxruntime_matches_torch(pipelines, question, router):
     if a.presence is not None:
         assert abs(a.presence - b.presence) < 1e-5
     assert iou(a.mask, b.mask) >= 0.99
+
+
+def test_exported_graphs_use_only_tensorrt_supported_ops(tiny_engines):
+    """Static check against the pinned TensorRT ONNX parser's operator list (export/trt_supported_ops.json)."""
+    from conceptseg_export.op_check import check_dir
+
+    results, _ = check_dir(tiny_engines)
+    assert set(results) >= {"sam3_vision.onnx", "sam3_text.onnx", "sam3_heads.onnx", "ctm.onnx"}
+    assert {graph: bad for graph, bad in results.items() if bad} == {}
+
+
+def test_vision_graph_has_no_shape_branches(tiny_engines):
+    """The tracer's If nodes on the fixed image size are folded away (TensorRT tooling chokes on them)."""
+    import onnx
+
+    model = onnx.load(str(tiny_engines / "sam3_vision.onnx"), load_external_data=False)
+    assert not [n for n in model.graph.node if n.op_type == "If"]
