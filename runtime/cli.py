@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from conceptseg.types import Reference, Request, RequestError, Result
 from PIL import Image, UnidentifiedImageError
+
+from conceptseg.types import Reference, Request, RequestError, Result
 
 SYNTHETIC_BANNER = (
     "NOTE: these weights are synthetic (random). The pipeline, formats and timings are real; the\n"
@@ -100,6 +101,7 @@ def _pipeline(args: argparse.Namespace, request: Request) -> Any:
         mllm_backend=args.mllm_backend,
         engines=engines,
         config=config,
+        plans=Path(args.plans) if args.plans else None,
     )
 
 
@@ -171,10 +173,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None =
         default=weights_default,
         help="directory with mllm/ and sam3/ checkpoints",
     )
-    p.add_argument("--backend", default="torch", help="SAM 3 and CTM backend: torch or onnxruntime")
+    p.add_argument(
+        "--backend", default="torch", help="SAM 3 and CTM backend: torch, onnxruntime or tensorrt"
+    )
     p.add_argument(
         "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime"
     )
+    p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
     p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf")
     p.add_argument(
         "--preset", default="reference", help="pipeline preset: reference, demo-script, test"

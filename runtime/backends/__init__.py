@@ -13,14 +13,15 @@ from typing import Any
 from conceptseg.config import PipelineConfig
 from conceptseg.types import RequestError
 
-SEG_BACKENDS = ("torch", "onnxruntime")
+SEG_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MLLM_BACKENDS = ("hf",)
 
 
 def versions(weights: Path, **backends: str) -> dict[str, Any]:
-    import conceptseg
     import torch
     import transformers
+
+    import conceptseg
     from conceptseg.checkpoints import is_synthetic
 
     return {
@@ -42,11 +43,13 @@ def build_pipeline(
     engines: Path | None = None,
     config: PipelineConfig | None = None,
     threads: int | None = None,
+    plans: Path | None = None,
 ) -> Any:
     """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``.
 
     ``backend`` serves SAM 3 and the CTM: ``torch`` (the reference modules) or ``onnxruntime``
-    (the graphs exported into ``engines``).
+    (the graphs exported into ``engines``) or ``tensorrt`` (plans built from them, in ``plans`` or
+    the one ``engines/trt-*`` directory).
     """
     from conceptseg.backends.ctm import TorchCtm
     from conceptseg.backends.hf_mllm import HfMllm
@@ -60,14 +63,21 @@ def build_pipeline(
         raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
+    if backend in ("onnxruntime", "tensorrt") and engines is None:
+        raise RequestError(
+            "--engines",
+            f"--backend {backend} needs the exported graphs: "
+            "run `conceptseg export --weights DIR --out ENGINES` first",
+        )
     if backend == "onnxruntime":
-        from conceptseg.backends.ort import OrtCtm, OrtSam3
+        from conceptseg.backends.ort import ort_ctm, ort_sam3
 
-        if engines is None:
-            raise RequestError("--engines", "--backend onnxruntime needs the exported graphs: "
-                               "run `conceptseg export --weights DIR --out ENGINES` first")  # fmt: skip
-        seg: Any = OrtSam3(engines, threads=threads)
-        ctm: Any = OrtCtm(engines, threads=threads)
+        seg: Any = ort_sam3(engines, threads)
+        ctm: Any = ort_ctm(engines, threads)
+    elif backend == "tensorrt":
+        from conceptseg.backends.trt import trt_ctm, trt_sam3
+
+        seg, ctm = trt_sam3(engines, plans), trt_ctm(engines, plans)
     else:
         seg, ctm = TorchSam3(sam3_dir), TorchCtm(load_ctm(mllm_dir))
     mllm = HfMllm(mllm_dir, max_new_tokens=config.max_new_tokens, max_length=config.max_length)

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from conceptseg.backends.base import Generation
 from PIL import Image
+
+from conceptseg.backends.base import Generation
 
 VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
 from conceptseg.backends.base import SegOutput
 from conceptseg.vocab import clean_clip_text
-from PIL import Image
 
 TEXT_CONTEXT = 32
 PAD_BOX_LABEL = -10
@@ -80,8 +81,9 @@ class TorchSam3:
     """``encode_image`` / ``segment`` with transformers' SAM 3 (fp32, CPU or CUDA)."""
 
     def __init__(self, directory: Path, *, device: str = "cpu", text_cache: int = 256) -> None:
-        from conceptseg.backends.hf_mllm import quiet_transformers
         from transformers import Sam3Model
+
+        from conceptseg.backends.hf_mllm import quiet_transformers
 
         quiet_transformers()
         self.directory = Path(directory)

@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conceptseg.backends import build_pipeline
-from conceptseg.backends.ort import OrtCtm, OrtGraph, OrtSam3, bucket, build_prompt, pad_hidden
+
+from conceptseg.backends import build_pipeline, ort
+from conceptseg.backends.engines import bucket, build_prompt, pad_hidden
+from conceptseg.backends.ort import OrtGraph
 from conceptseg.backends.torch_sam3 import TorchSam3, geometry_padding, preprocess
 from conceptseg.checkpoints import load_ctm
 from conceptseg.config import PipelineConfig
@@ -30,7 +32,7 @@ def torch_sam3(tiny_weights):
 
 @pytest.fixture(scope="module")
 def ort_sam3(tiny_engines):
-    return OrtSam3(tiny_engines, threads=2)
+    return ort.ort_sam3(tiny_engines, threads=2)
 
 
 def test_manifests(tiny_engines):
@@ -113,7 +115,7 @@ def test_heads_with_a_real_box_prompt(torch_sam3, tiny_engines):
 
 
 def test_ctm_batched_with_padding_equals_single_and_torch(tiny_weights, tiny_engines):
-    ctm_ort, ctm_torch = OrtCtm(tiny_engines), load_ctm(tiny_weights / "mllm")
+    ctm_ort, ctm_torch = ort.ort_ctm(tiny_engines), load_ctm(tiny_weights / "mllm")
     rng = np.random.default_rng(0)
     hiddens = [rng.standard_normal((n, 64)).astype(np.float32) for n in (3, 130, 40)]
     batched = ctm_ort.batch(hiddens)

@@ -1,0 +1,258 @@
+"""One benchmark harness. Side-by-side timings in one process, alternating the contenders each
+repeat (these machines are noisy), medians and p90 over repeats, quality in the same record.
+
+    .venv/bin/python benchmarks/bench.py sam3 --weights weights/real-3b --engines engines/real-3b
+
+Targets:
+- ``sam3``: SAM 3 vision encoder, text encoder and heads (40-slot prompt) at the checkpoint's
+  resolution: torch eager (transformers, fp32) vs the exported graphs under ONNX Runtime (fp32, and
+  int8-dynamic if ``--int8`` points at a quantized vision graph made by ``quantize``).
+- ``quantize``: writes ``sam3_vision.int8.onnx`` (dynamic int8 MatMul weights) beside the graph.
+
+Prints a table; the last stdout line is one JSON object with machine, versions and config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "gpu": None,
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def identity_runner(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def profiler_runner(fn: Callable[[], Any]) -> Any:
+    """cProfile around one call; prints the top functions to stderr."""
+    import cProfile
+    import pstats
+    import sys
+
+    profile = cProfile.Profile()
+    result = profile.runcall(fn)
+    pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(15)
+    return result
+
+
+RUNNERS = {"identity": identity_runner, "profile": profiler_runner}
+
+
+def timed(fn: Callable[[], Any], runner: Callable = identity_runner) -> tuple[float, Any]:
+    start = time.perf_counter()  # CPU only here; on CUDA wrap with torch.cuda.synchronize()
+    out = runner(fn)
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def side_by_side(
+    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int, runner: Callable
+) -> dict:
+    """Run every contender once per repeat, in rotating order; return times (ms) and last outputs."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    outputs: dict[str, Any] = {}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            ms, outputs[name] = timed(contenders[name], runner)
+            times[name].append(ms)
+    return {"times": times, "outputs": outputs}
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {
+        "median_ms": statistics.median(ordered),
+        "p90_ms": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))],
+        "min_ms": ordered[0],
+        "repeats": len(ordered),
+    }
+
+
+def max_abs(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(
+        float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from conceptseg.backends.engines import build_prompt
+    from conceptseg.backends.ort import OrtGraph
+    from conceptseg.backends.torch_sam3 import TorchSam3, preprocess
+    from conceptseg.masks import iou
+    from conceptseg.samples import sample_target
+
+    torch.set_num_threads(args.threads)
+    runner = RUNNERS[args.runner]
+    ref = TorchSam3(Path(args.weights) / "sam3")
+    engines = Path(args.engines)
+    pixels = preprocess(sample_target(), ref.side)
+    rows: dict[str, Any] = {}
+
+    # vision encoder
+    vision = {"ort_fp32": OrtGraph(engines, "sam3_vision", args.threads)}
+    if args.int8:
+        vision["ort_int8"] = OrtGraph(engines, "sam3_vision.int8", args.threads)
+
+    def torch_vision() -> list[np.ndarray]:
+        with torch.inference_mode():
+            return [
+                f.numpy()
+                for f in ref.model.get_vision_features(pixel_values=pixels).fpn_hidden_states[:3]
+            ]
+
+    contenders: dict[str, Callable[[], Any]] = {"torch_eager_fp32": torch_vision}
+    for name, graph in vision.items():
+        contenders[name] = lambda g=graph: list(g.run(image=pixels.numpy()).values())
+    result = side_by_side(contenders, args.repeats, args.warmup, runner)
+    base = result["outputs"]["torch_eager_fp32"]
+    for name, times in result["times"].items():
+        rows[f"vision/{name}"] = summary(times) | {
+            "max_abs_vs_torch": max_abs(result["outputs"][name], base)
+        }
+
+    # heads on a 40-slot prompt (8 concept + 32 text), as in a reasoning request
+    feats, mask = ref.text_features("the mug with a handle")
+    concept = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32) * 0.1
+    prompt, prompt_mask = build_prompt(feats[0].numpy(), mask[0].numpy(), concept, 8)
+    image = ref.encode_image(sample_target())
+    heads = OrtGraph(engines, "sam3_heads", args.threads)
+    fpn = [f.numpy() for f in image.vision.fpn_hidden_states[:3]]
+    feeds = {"fpn0": fpn[0], "fpn1": fpn[1], "fpn2": fpn[2], "prompt": prompt[None], "prompt_mask": prompt_mask[None],
+             "boxes": np.zeros((1, 1, 4), np.float32), "box_labels": np.full((1, 1), -10, np.int64)}  # fmt: skip
+
+    def torch_heads() -> np.ndarray:
+        out = ref.heads(image, torch.from_numpy(prompt[None]), torch.from_numpy(prompt_mask[None]))
+        return out.semantic_seg[0, 0].numpy()
+
+    def ort_heads() -> np.ndarray:
+        return heads.run(**feeds)["semantic_logits"][0, 0]
+
+    result = side_by_side(
+        {"torch_eager_fp32": torch_heads, "ort_fp32": ort_heads}, args.repeats, args.warmup, runner
+    )
+    base = result["outputs"]["torch_eager_fp32"]
+    for name, times in result["times"].items():
+        out = result["outputs"][name]
+        rows[f"heads/{name}"] = summary(times) | {
+            "max_abs_vs_torch": max_abs([out], [base]),
+            "mask_iou_vs_torch": iou(out > 0, base > 0),
+        }
+
+    # text encoder
+    text = OrtGraph(engines, "sam3_text", args.threads)
+    ids, ids_mask = ref.tokenize("the mug with a handle")
+
+    def torch_text() -> np.ndarray:
+        with torch.inference_mode():
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(ids_mask)
+            return ref.model.get_text_features(
+                input_ids=ids_t, attention_mask=mask_t
+            ).pooler_output.numpy()
+
+    result = side_by_side({"torch_eager_fp32": torch_text,
+                           "ort_fp32": lambda: text.run(input_ids=ids, attention_mask=ids_mask)["text_features"]},
+                          args.repeats, args.warmup, runner)  # fmt: skip
+    for name, times in result["times"].items():
+        rows[f"text/{name}"] = summary(times) | {
+            "max_abs_vs_torch": max_abs(
+                [result["outputs"][name]], [result["outputs"]["torch_eager_fp32"]]
+            )
+        }
+    return rows
+
+
+def quantize(args: argparse.Namespace) -> dict[str, Any]:
+    """Dynamic int8 quantization of the vision graph's MatMul weights (VNNI/AMX int8 kernels)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = Path(args.engines) / "sam3_vision.onnx"
+    dst = Path(args.engines) / "sam3_vision.int8.onnx"
+    start = time.perf_counter()
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     use_external_data_format=True)  # fmt: skip
+    return {"quantized": str(dst), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def print_table(rows: dict[str, Any]) -> None:
+    print(
+        f"{'step/contender':32} {'median ms':>11} {'p90 ms':>10} {'n':>3} {'max|d| vs torch':>16} {'speedup':>8}"
+    )
+    for key, row in rows.items():
+        step = key.split("/")[0]
+        base = rows.get(f"{step}/torch_eager_fp32", row)["median_ms"]
+        print(f"{key:32} {row['median_ms']:11.1f} {row['p90_ms']:10.1f} {row['repeats']:3d} "
+              f"{row.get('max_abs_vs_torch', 0):16.2e} {base / row['median_ms']:7.2f}x")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", choices=["sam3", "quantize"])
+    parser.add_argument("--weights", default="weights/real-3b")
+    parser.add_argument("--engines", default="engines/real-3b")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--int8", action="store_true", help="also time sam3_vision.int8.onnx")
+    parser.add_argument("--runner", default="identity", choices=sorted(RUNNERS))
+    args = parser.parse_args()
+    rows = bench_sam3(args) if args.target == "sam3" else quantize(args)
+    if args.target == "sam3":
+        print_table(rows)
+    record = {
+        "target": args.target,
+        "machine": machine(),
+        "versions": versions(),
+        "config": vars(args),
+        "results": rows,
+    }
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
