@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from conceptseg_export import cli_args
 from conceptseg_export.graphs import (
     GRAPHS,
@@ -94,10 +95,11 @@ def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import conceptseg
     import onnx
     import onnxruntime
     import transformers
+
+    import conceptseg
 
     return {
         "conceptseg": conceptseg.__version__,
@@ -227,10 +229,11 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
 
 
 def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec]:
+    from transformers import Sam3Model
+
     from conceptseg.backends.hf_mllm import quiet_transformers
     from conceptseg.backends.torch_sam3 import Sam3Tokenizer
     from conceptseg.checkpoints import safetensors_files
-    from transformers import Sam3Model
 
     quiet_transformers()
     model = Sam3Model.from_pretrained(sam3_dir).eval()

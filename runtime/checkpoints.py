@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from conceptseg import vocab
 from conceptseg.backends.ctm import CTM_PREFIXES, ConceptTranslationModule
 from conceptseg.types import RequestError
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 SYNTHETIC_MARKER = "conceptseg_synthetic.json"
 
@@ -343,8 +344,9 @@ def sam3_config(size_name: str) -> Any:
 
 def write_synthetic_sam3(out: Path, size_name: str, seed: int) -> None:
     """Random-weight HF ``Sam3Model`` checkpoint + CLIP tokenizer + image processor config."""
-    from conceptseg.backends.hf_mllm import quiet_transformers
     from transformers import Sam3ImageProcessor, Sam3Model
+
+    from conceptseg.backends.hf_mllm import quiet_transformers
 
     quiet_transformers()
     config = sam3_config(size_name)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from conceptseg.types import Box, Reference, RequestError
 from PIL import Image, ImageDraw
+
+from conceptseg.types import Box, Reference, RequestError
 
 CANVAS = 600  # MLLM input side; Qwen's processor sees it as 588x588 (42x42 patches)
 GRID = 2

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from conceptseg import prompt, router, tags
 from conceptseg.backends.base import CTMBackend, MLLMBackend, SegBackend
 from conceptseg.config import PipelineConfig

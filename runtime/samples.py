@@ -6,8 +6,9 @@ deterministically so that ``make demo`` and the tests need no image files or dow
 
 from __future__ import annotations
 
-from conceptseg.types import Reference, Request
 from PIL import Image, ImageDraw
+
+from conceptseg.types import Reference, Request
 
 SAMPLE_PROMPT = "the mug with a handle on the table"
 

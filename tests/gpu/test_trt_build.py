@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conceptseg_export.trt_runtime import TENSORRT_PIN
 
 trt = pytest.importorskip(
@@ -27,10 +28,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
 from conceptseg_export import trt_build  # noqa: E402
 from conceptseg_export.trt_build import BuildConfig, BuildError  # noqa: E402
 from conceptseg_export.trt_runtime import TensorRTSession  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 WIDTH = 8
 

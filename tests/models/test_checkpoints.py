@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+
 from conceptseg.checkpoints import (
     MLLM_SIZES,
     check_weights,
@@ -18,7 +20,6 @@ from conceptseg.checkpoints import (
     synth,
 )
 from conceptseg.types import RequestError
-from safetensors import safe_open
 
 
 def test_layout_and_key_prefixes(tiny_weights):

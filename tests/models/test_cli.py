@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from conceptseg.cli import main
 from conceptseg.samples import sample_references, sample_target
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from conceptseg.backends.ctm import ConceptTranslationModule
 from conceptseg.checkpoints import nn_init_ctm
 

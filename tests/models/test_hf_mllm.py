@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/models/test_hf_mllm.py -q
 import numpy as np
 import pytest
 import torch
+
 from conceptseg.backends.hf_mllm import VISION_TOKEN_IDS, HfMllm, apply_repetition_penalty
 from conceptseg.mosaic import build_mosaic, resize_target
 from conceptseg.prompt import messages

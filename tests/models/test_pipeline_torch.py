@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from conceptseg.backends import build_pipeline
 from conceptseg.config import PipelineConfig
 from conceptseg.pipeline import Pipeline

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from conceptseg.backends.torch_sam3 import TorchSam3
 from conceptseg.samples import sample_target
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conceptseg.masks import iou, logits_to_mask, resize_bilinear, to_png
 from PIL import Image
+
+from conceptseg.masks import iou, logits_to_mask, resize_bilinear, to_png
 
 
 @pytest.mark.parametrize(

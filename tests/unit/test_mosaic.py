@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from conceptseg.mosaic import CANVAS, TILE, build_mosaic, from_canvas, mask_box, to_canvas
 from conceptseg.types import RequestError
-from PIL import Image
 
 
 def _solid(color, size=(200, 100)):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conceptseg_export import op_check
 from onnx import TensorProto, helper
+
+from conceptseg_export import op_check
 
 OPSET = [helper.make_opsetid("", 18)]
 

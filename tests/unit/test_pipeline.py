@@ -5,11 +5,12 @@ Run: .venv/bin/pytest tests/unit/test_pipeline.py -q
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from conceptseg.backends.base import Generation, SegOutput
 from conceptseg.config import PipelineConfig
 from conceptseg.pipeline import Pipeline
 from conceptseg.types import Reference, Request, RequestError
-from PIL import Image
 
 SCRIPT = "<think>t</think> <rule>r</rule><check>[30, 60, 150, 120]</check> <bbox>[300, 150, 600, 450]</bbox> <answer>the mug</answer>"
 

@@ -4,10 +4,11 @@ Run: .venv/bin/pytest tests/unit/test_prompt.py -q
 """
 
 import pytest
+from PIL import Image
+
 from conceptseg.mosaic import build_mosaic
 from conceptseg.prompt import messages, user_text
 from conceptseg.vocab import QWEN_VL_CHAT_TEMPLATE
-from PIL import Image
 
 # Written out by hand from the reference template; "\uff0c" is the full-width comma.
 HEAD = '\nYour task is to locate the object matching "{q}" in the Target Image.\nData provided:\n'
@@ -77,8 +78,9 @@ def test_messages_images_first_then_text(n_refs, n_images):
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
-    from conceptseg.vocab import write_qwen_tokenizer
     from transformers import AutoTokenizer
+
+    from conceptseg.vocab import write_qwen_tokenizer
 
     out = tmp_path_factory.mktemp("qwen_tok")
     write_qwen_tokenizer(out)

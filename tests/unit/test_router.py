@@ -1,6 +1,7 @@
 """Router thresholds. Run: .venv/bin/pytest tests/unit/test_router.py -q"""
 
 import pytest
+
 from conceptseg import router
 
 

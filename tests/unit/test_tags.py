@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/unit/test_tags.py -q
 import itertools
 
 import pytest
+
 from conceptseg.tags import StreamParser, TagEvent, coalesce, parse
 
 FULL = (

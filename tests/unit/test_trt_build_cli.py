@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
 from conceptseg_export import trt_build, trt_runtime
 from conceptseg_export.trt_build import BuildConfig, BuildError, DimRule, profiles_for
 from conceptseg_export.trt_runtime import TENSORRT_PIN, pick_profile
-from onnx import TensorProto, helper
 
 # What `conceptseg export` writes for two of the graphs (shapes as in export/onnx_export.py).
 HEADS = {
