@@ -297,10 +297,13 @@ def sam3_config(size_name: str) -> Any:
     )
 
     if size_name == "real-3b":
-        return Sam3Config()
+        from conceptseg.sam3_convert import meta_sam3_config
+
+        return meta_sam3_config()  # HF's defaults but the ViT LayerNorm eps Meta trained with
     image, patch, window, d, heads = 112, 14, 4, 256, 2
     grid = image // patch
     backbone = Sam3ViTConfig(
+        layer_norm_eps=1e-5,  # Meta's ViT eps (see sam3_convert.meta_sam3_config)
         hidden_size=32,
         intermediate_size=128,
         num_hidden_layers=4,

@@ -54,6 +54,7 @@ class Sam3Tokenizer:
             padding="max_length",
             max_length=TEXT_CONTEXT,
             truncation=True,
+            split_special_tokens=True,  # a literal "<|endoftext|>" in a prompt is text, as in Meta's
             return_tensors="np",
         )
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)

@@ -87,6 +87,7 @@ def test_real_size_architectures():
     assert 3.7e9 < sum(p.numel() for p in qwen.parameters()) < 3.8e9
     assert sum(p.numel() for p in sam.parameters()) == 840_376_374
     assert len(sam.state_dict()) == 1468
+    assert sam3_config("real-3b").vision_config.backbone_config.layer_norm_eps == 1e-5  # Meta's
 
 
 def test_bad_weight_dirs(tmp_path, tiny_weights):
