@@ -143,6 +143,8 @@ class GraphSpec:
     dynamic: dict[str, dict[int, str]]
     source_hash: str
     trace_batch: int = 2  # the batch traced; the other of (1, 2) is checked too
+    exporter: str = "torchscript"  # or "dynamo" (torch.export: fake tensors, cleaner graph)
+    prepare: Callable[[], None] | None = None  # called just before this graph is exported
 
 
 def _run_eager(module: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -154,6 +156,20 @@ def _run_eager(module: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> list[
 
 def _export(spec: GraphSpec, path: Path, input_names: tuple[str, ...], output_names: tuple[str, ...],
             feeds: dict[str, torch.Tensor], opset: int) -> None:  # fmt: skip
+    if spec.exporter == "dynamo":
+        # torch.export traces with fake tensors: no activations are held, whatever the input size.
+        dims: dict[str, torch.export.Dim] = {}
+        shapes = {
+            name: {
+                axis: dims.setdefault(label, torch.export.Dim(label, min=1, max=64))
+                for axis, label in spec.dynamic.get(name, {}).items()
+            }  # fmt: skip
+            for name in input_names
+        }
+        torch.onnx.export(spec.module, tuple(feeds.values()), str(path), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_shapes=shapes, opset_version=opset,
+                          dynamo=True, external_data=True, verbose=False)  # fmt: skip
+        return
     torch.onnx.export(
         spec.module,
         tuple(feeds.values()),
@@ -167,16 +183,17 @@ def _export(spec: GraphSpec, path: Path, input_names: tuple[str, ...], output_na
 
 
 def _fold(path: Path, external: bool) -> None:
-    """Fold ``If`` nodes the tracer left on shapes that are fixed (the vision embeddings' checks
-    of the image size; TensorRT's ONNX tooling handles them poorly) with onnxscript's optimizer,
-    and keep big weights in one external file. Graphs without ``If`` are kept as exported (the
-    optimizer's rewrite of the heads graph does not load). The ORT parity check follows."""
+    """Fold ``If`` nodes the tracer left on shapes that are fixed with onnxscript's optimizer
+    (TensorRT's ONNX tooling handles them poorly), keeping big weights in one external file.
+    Graphs without ``If`` are left as exported (the optimizer's rewrite of the heads graph does
+    not load). The ORT parity check follows."""
     import onnx
     import onnxscript.optimizer
 
     model = onnx.load(str(path))
-    if any(node.op_type == "If" for node in model.graph.node):
-        model = onnxscript.optimizer.optimize(model)
+    if not any(node.op_type == "If" for node in model.graph.node):
+        return
+    model = onnxscript.optimizer.optimize(model)
     for stale in path.parent.glob(f"{path.name}*"):
         stale.unlink()
     if external:
@@ -196,6 +213,10 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     assert tuple(feeds) == input_names, (
         f"dummy input keys {tuple(feeds)} != ONNX names {input_names}"
     )
+    if spec.prepare is not None:
+        spec.prepare()
+    for stale in out_dir.glob(f"{spec.name}.onnx*"):
+        stale.unlink()
     reference = _run_eager(spec.module, feeds)  # one eager run before export
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -206,6 +227,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     weights_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
     external = weights_bytes > EXTERNAL_DATA_BYTES
     _fold(path, external)
+    data_file = out_dir / f"{spec.name}.onnx.data"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     parity = {}
     for batch in sorted({spec.trace_batch, 3 - spec.trace_batch}):
@@ -216,7 +238,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     manifest = {
         "graph": spec.name,
         "file": path.name,
-        "external_data": f"{spec.name}.onnx.data" if external else None,
+        "external_data": data_file.name if data_file.exists() else None,
         "opset": opset,
         "inputs": _describe({k: v.numpy() for k, v in feeds.items()}, spec.dynamic),
         "outputs": _describe(dict(zip(output_names, reference, strict=True)), spec.dynamic),
@@ -237,10 +259,7 @@ def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec
     from conceptseg.checkpoints import safetensors_files
 
     quiet_transformers()
-    model = Sam3Model.from_pretrained(sam3_dir).eval()
-    model.set_attn_implementation(
-        "eager"
-    )  # exportable attention everywhere (sdpa breaks the heads)
+    model = Sam3Model.from_pretrained(sam3_dir).eval()  # sdpa until the heads (see below)
     side = model.config.vision_config.backbone_config.image_size
     top_k = min(cfg.top_k, model.config.detr_decoder_config.num_queries)
     source = _sha256_files(safetensors_files(sam3_dir))
@@ -288,18 +307,24 @@ def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec
             image_inputs,
             {n: batch for n in ("image", "fpn0", "fpn1", "fpn2")},
             source,
-            trace_batch=1,  # at 1008 px a traced batch of 2 needs twice the activations
-        ),  # fmt: skip
+            exporter="dynamo",  # the TorchScript tracer holds 1008 px activations: OOM at 24 GiB
+        ),
         GraphSpec(
             "sam3_text",
             TextGraph(model).eval(),
             text_inputs,
             {n: batch for n in GRAPHS["sam3_text"][0] + GRAPHS["sam3_text"][1]},
             source,
-        ),  # fmt: skip
+        ),
         GraphSpec(
-            "sam3_heads", HeadsGraph(model, top_k).eval(), heads_inputs, heads_dynamic, source
-        ),  # fmt: skip
+            "sam3_heads",
+            HeadsGraph(model, top_k).eval(),
+            heads_inputs,
+            heads_dynamic,
+            source,
+            # the heads export only with eager attention (sdpa's mask handling breaks the graph)
+            prepare=lambda: model.set_attn_implementation("eager"),
+        ),
     ]
 
 
