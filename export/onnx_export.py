@@ -37,6 +37,7 @@ from conceptseg_export.graphs import (
 
 TEXT_CONTEXT = 32
 CTM_BUCKETS = (128, 256, 512, 768)
+PARTS = (*GRAPHS, "mllm")  # mllm: Qwen2.5-VL vision + embedding graphs and the ort-genai decoder
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in <graph>.onnx.data
 
 
@@ -47,7 +48,11 @@ class ExportConfig:
     weights: Path = field(metadata={"help": "directory with mllm/ and sam3/ checkpoints"})
     out: Path = field(metadata={"help": "output directory, e.g. engines/tiny"})
     parts: str = field(
-        default="all", metadata={"help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm"}
+        default="all", metadata={"help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm,mllm"}
+    )
+    mllm_verify_tokens: int = field(
+        default=24,
+        metadata={"help": "greedy tokens compared with transformers after the mllm export"},
     )
     top_k: int = field(default=16, metadata={"help": "instances returned by the heads graph"})
     q_max: int = field(
@@ -57,15 +62,15 @@ class ExportConfig:
 
     def part_list(self) -> list[str]:
         parts = (
-            list(GRAPHS)
+            list(PARTS)
             if self.parts == "all"
             else [p.strip() for p in self.parts.split(",") if p.strip()]
         )
-        unknown = sorted(set(parts) - set(GRAPHS))
+        unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             from conceptseg.types import RequestError
 
-            raise RequestError("--parts", f"unknown {unknown}; choose from {list(GRAPHS)} or 'all'")
+            raise RequestError("--parts", f"unknown {unknown}; choose from {list(PARTS)} or 'all'")
         return parts
 
 
@@ -379,6 +384,14 @@ def main(cfg: ExportConfig) -> Path:
             f"[{i}/{len(specs)}] {spec.name}: {graph['export_seconds']} s, max |onnxruntime - torch| = {worst:.2e}"
         )
         manifest["graphs"][spec.name] = f"{spec.name}.json"
+    if "mllm" in parts:
+        from conceptseg_export.mllm_export import export_mllm
+
+        print(
+            "[mllm] exporting the Qwen2.5-VL vision/embedding graphs and the ort-genai decoder ...",
+            flush=True,
+        )
+        manifest["graphs"].update(export_mllm(mllm_dir, out, verify_tokens=cfg.mllm_verify_tokens))
     tokenizer_dir = out / "sam3_tokenizer"
     tokenizer_dir.mkdir(exist_ok=True)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):

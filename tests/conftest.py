@@ -16,9 +16,18 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engines(tiny_weights, tmp_path_factory) -> Path:
-    """All four graphs exported from the tiny checkpoints through the CLI."""
+    """Every part (SAM 3, CTM, MLLM) exported from the tiny checkpoints through the CLI."""
     from conceptseg.cli import main
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    assert main(["export", "--weights", str(tiny_weights), "--out", str(out)]) == 0
+    argv = [
+        "export",
+        "--weights",
+        str(tiny_weights),
+        "--out",
+        str(out),
+        "--mllm-verify-tokens",
+        "0",
+    ]
+    assert main(argv) == 0
     return out

@@ -14,7 +14,7 @@ from conceptseg.config import PipelineConfig
 from conceptseg.types import RequestError
 
 SEG_BACKENDS = ("torch", "onnxruntime", "tensorrt")
-MLLM_BACKENDS = ("hf",)
+MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
 
 
 def versions(weights: Path, **backends: str) -> dict[str, Any]:
@@ -44,12 +44,17 @@ def build_pipeline(
     config: PipelineConfig | None = None,
     threads: int | None = None,
     plans: Path | None = None,
+    mllm_precision: str = "fp32",
+    prefix_cache: int = 4,
 ) -> Any:
     """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``.
 
     ``backend`` serves SAM 3 and the CTM: ``torch`` (the reference modules) or ``onnxruntime``
     (the graphs exported into ``engines``) or ``tensorrt`` (plans built from them, in ``plans`` or
-    the one ``engines/trt-*`` directory).
+    the one ``engines/trt-*`` directory). ``mllm_backend``: ``hf`` (transformers; reuses the
+    prefill of the last ``prefix_cache`` reference mosaics), ``ort-genai`` (the decoder exported
+    into ``engines/mllm/<mllm_precision>``, fp32 or int4) or ``trtllm`` (GPU machines; a
+    checkpoint written by ``export/trtllm_quantize.py``: ``plans`` or ``engines/trtllm-*``).
     """
     from conceptseg.backends.ctm import TorchCtm
     from conceptseg.backends.hf_mllm import HfMllm
@@ -63,10 +68,10 @@ def build_pipeline(
         raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
-    if backend in ("onnxruntime", "tensorrt") and engines is None:
+    if (backend in ("onnxruntime", "tensorrt") or mllm_backend != "hf") and engines is None:
         raise RequestError(
             "--engines",
-            f"--backend {backend} needs the exported graphs: "
+            f"--backend {backend} / --mllm-backend {mllm_backend} needs the exported graphs: "
             "run `conceptseg export --weights DIR --out ENGINES` first",
         )
     if backend == "onnxruntime":
@@ -80,6 +85,19 @@ def build_pipeline(
         seg, ctm = trt_sam3(engines, plans), trt_ctm(engines, plans)
     else:
         seg, ctm = TorchSam3(sam3_dir), TorchCtm(load_ctm(mllm_dir))
-    mllm = HfMllm(mllm_dir, max_new_tokens=config.max_new_tokens, max_length=config.max_length)
-    info = versions(weights, backend=backend, mllm_backend=mllm_backend, engines=str(engines or ""))
+    limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
+    if mllm_backend == "ort-genai":
+        from conceptseg.backends.ortgenai_mllm import ortgenai_mllm
+
+        mllm: Any = ortgenai_mllm(engines, mllm_precision, threads=threads, **limits)
+    elif mllm_backend == "trtllm":
+        from conceptseg.backends.trt import find_one
+        from conceptseg.backends.trtllm_mllm import trtllm_mllm
+
+        hint = "quantize with `python -m conceptseg_export.trtllm_quantize --out ENGINES`"
+        mllm = trtllm_mllm(plans or find_one(engines, "trtllm-*", "--plans", hint), **limits)
+    else:
+        mllm = HfMllm(mllm_dir, prefix_cache=prefix_cache, **limits)
+    info = versions(weights, backend=backend, mllm_backend=mllm_backend, engines=str(engines or ""),
+                    mllm_precision=mllm_precision if mllm_backend == "ort-genai" else "")  # fmt: skip
     return Pipeline(seg, mllm, ctm, config, info)

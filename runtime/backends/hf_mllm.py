@@ -10,12 +10,22 @@ Differences from the reference code, all on purpose:
 Kept from the reference: greedy decoding, the checkpoint's ``generation_config.json`` stop ids
 and repetition penalty (transformers applies the penalty even when ``do_sample=False``), a cap of
 ``max_new_tokens`` and of ``max_length`` tokens in all, ``skip_special_tokens`` decoding.
+
+Prefix reuse (opt-in, ``prefix_cache=N``): requests with the same references share the prompt up
+to and including the mosaic image (system turn, user turn start, ``<|vision_start|>`` 441 pads
+``<|vision_end|>``). Its KV cache is kept in an LRU of N entries keyed by the exact prefix ids
+and a hash of the mosaic image (mode, size, bytes); a hit skips the mosaic's vision tower and
+the prefix's prefill. Positions come from ``get_rope_index`` over the whole prompt, so the
+suffix is placed exactly as in a one-shot prefill (tokens identical; states equal to rounding).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,7 @@ from PIL import Image
 from conceptseg.backends.base import Generation
 
 VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
+VISION_END_ID = 151653
 
 
 def quiet_transformers() -> None:
@@ -55,6 +66,41 @@ def apply_repetition_penalty(
     return logits.scatter(-1, seen, picked)
 
 
+class PrefixCache:
+    """LRU of prompt-prefix KV caches. ``get`` and ``put`` copy, so a cached prefix is never
+    extended by the request that uses it. ``hits``/``misses`` count lookups."""
+
+    def __init__(self, capacity: int) -> None:
+        assert capacity > 0, f"capacity must be positive, got {capacity}"
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> Any:
+        if key not in self.entries:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return copy.deepcopy(self.entries[key])
+
+    def put(self, key: tuple[Any, ...], cache: Any) -> None:
+        self.entries[key] = copy.deepcopy(cache)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+def prefix_split(inputs: Any) -> int:
+    """Prompt length up to and including the first image (the mosaic), 0 when the prompt has
+    fewer than two images (nothing follows the first image that a cached prefix could serve)."""
+    grid = inputs.get("image_grid_thw")
+    if grid is None or len(grid) < 2:
+        return 0
+    ends = (inputs["input_ids"][0] == VISION_END_ID).nonzero()
+    return int(ends[0, 0]) + 1 if len(ends) else 0
+
+
 class HfMllm:
     """``generate(messages, images) -> Generation`` on a local ConceptSeg-R1 checkpoint."""
 
@@ -65,6 +111,7 @@ class HfMllm:
         dtype: torch.dtype = torch.float32,
         max_new_tokens: int = 768,
         max_length: int = 2816,
+        prefix_cache: int = 0,
     ) -> None:
         from transformers import AutoProcessor
 
@@ -81,6 +128,7 @@ class HfMllm:
         self.repetition_penalty = float(gen.get("repetition_penalty", 1.0))
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
 
     def prompt_inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
         text = self.processor.apply_chat_template(
@@ -93,6 +141,45 @@ class HfMllm:
         logits[..., list(VISION_TOKEN_IDS)] = -torch.inf
         return int(logits.argmax(-1))
 
+    def _prefill_with_prefix(self, inputs: Any, split: int, mosaic: Image.Image) -> Any:
+        """Prefill ``input_ids[:, split:]`` (and the images after the first) on top of the
+        cached KV of ``input_ids[:, :split]`` (computed and stored on a miss). ``mosaic`` is the
+        first image: its mode, size and pixel bytes identify the prefix with its token ids."""
+        assert self.prefix_cache is not None
+        model = self.model.model
+        ids, mm, mask = inputs["input_ids"], inputs["mm_token_type_ids"], inputs["attention_mask"]
+        grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
+        first = int(grid[0].prod())  # patches of the mosaic
+        positions, deltas = model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)
+        digest = hashlib.sha256(f"{mosaic.mode}{mosaic.size}".encode() + mosaic.tobytes())
+        key = (tuple(ids[0, :split].tolist()), digest.hexdigest())
+        pixels = pixels.to(self.model.dtype)
+        cache = self.prefix_cache.get(key)
+        if cache is None:
+            cache = model(
+                input_ids=ids[:, :split],
+                attention_mask=mask[:, :split],
+                position_ids=positions[:, :, :split],
+                pixel_values=pixels[:first],
+                image_grid_thw=grid[:1],
+                mm_token_type_ids=mm[:, :split],
+                use_cache=True,
+            ).past_key_values
+            self.prefix_cache.put(key, cache)
+        out = model(
+            input_ids=ids[:, split:],
+            attention_mask=mask,
+            position_ids=positions[:, :, split:],
+            pixel_values=pixels[first:],
+            image_grid_thw=grid[1:],
+            mm_token_type_ids=mm[:, split:],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        # decode steps place their tokens with it, as after a one-shot prefill
+        model.rope_deltas = deltas
+        return out
+
     @torch.inference_mode()
     def generate(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Generation:
         inputs = self.prompt_inputs(messages, images)
@@ -100,10 +187,14 @@ class HfMllm:
         dtype = model.dtype
         # 1) prefill: vision tower + prompt, building the KV cache
         t0 = time.perf_counter()
-        out = model.model(
-            **{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()},
-            use_cache=True,
-        )
+        split = prefix_split(inputs) if self.prefix_cache is not None else 0
+        if split:
+            out = self._prefill_with_prefix(inputs, split, images[0])
+        else:
+            out = model.model(
+                **{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()},
+                use_cache=True,
+            )
         logits = model.lm_head(out.last_hidden_state[:, -1])
         prefill_ms = (time.perf_counter() - t0) * 1e3
         cache, seen = out.past_key_values, inputs["input_ids"]

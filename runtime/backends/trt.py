@@ -15,18 +15,25 @@ from conceptseg.backends.engines import EngineCtm, EngineSam3
 from conceptseg.types import RequestError
 
 
+def find_one(engines: Path, pattern: str, flag: str, hint: str) -> Path:
+    """The single ``engines/<pattern>`` directory, or a RequestError naming ``flag``."""
+    found = sorted(p for p in Path(engines).glob(pattern) if p.is_dir())
+    if len(found) != 1:
+        raise RequestError(
+            flag,
+            f"{engines} has {len(found)} {pattern} directories ({[p.name for p in found]}); "
+            f"{hint} or name one with {flag}",
+        )
+    return found[0]
+
+
 def find_plans(engines: Path, plans: Path | None = None) -> Path:
     """The plans directory: ``plans`` if given, else the one ``engines/trt-*`` directory."""
     if plans is not None:
         return Path(plans)
-    found = sorted(p for p in Path(engines).glob("trt-*") if p.is_dir())
-    if len(found) != 1:
-        raise RequestError(
-            "--plans",
-            f"{engines} has {len(found)} trt-* directories ({[p.name for p in found]}); build "
-            "one with `conceptseg build-engines --onnx ENGINES` or name it with --plans",
-        )
-    return found[0]
+    return find_one(
+        engines, "trt-*", "--plans", "build one with `conceptseg build-engines --onnx ENGINES`"
+    )
 
 
 class TrtGraph:

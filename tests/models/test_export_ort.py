@@ -37,12 +37,12 @@ def ort_sam3(tiny_engines):
 
 def test_manifests(tiny_engines):
     manifest = json.loads((tiny_engines / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"sam3_vision", "sam3_text", "sam3_heads", "ctm"}
+    assert set(manifest["graphs"]) == {"sam3_vision", "sam3_text", "sam3_heads", "ctm", "mllm"}
     assert (
         manifest["q_max"] == 8 and manifest["hidden_size"] == 64 and manifest["synthetic_weights"]
     )
     assert (tiny_engines / "sam3_tokenizer" / "vocab.json").exists()
-    for name in manifest["graphs"]:
+    for name in set(manifest["graphs"]) - {"mllm"}:  # mllm: tests/models/test_ortgenai_mllm.py
         graph = json.loads((tiny_engines / f"{name}.json").read_text())
         assert graph["opset"] == 18 and len(graph["source_sha256"]) == 64
         assert all(i["shape"][0] == "batch" for i in graph["inputs"]), name
@@ -186,3 +186,15 @@ def test_vision_graph_has_no_shape_branches(tiny_engines):
 
     model = onnx.load(str(tiny_engines / "sam3_vision.onnx"), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "If"]
+
+
+def test_pipeline_without_torch_models_matches_torch(tiny_weights, tiny_engines, pipelines):
+    """SAM 3 and the CTM under ONNX Runtime, the MLLM under ort-genai (fp32) vs the torch reference."""
+    config = PipelineConfig(max_new_tokens=12, router=False)
+    ours = build_pipeline(tiny_weights, backend="onnxruntime", mllm_backend="ort-genai", engines=tiny_engines,
+                          config=config)  # fmt: skip
+    ref = Pipeline(pipelines[1].seg, pipelines[1].mllm, pipelines[1].ctm, config)
+    a, b = ours.run(sample_request()), ref.run(sample_request())
+    assert a.route == b.route == "reason"
+    assert a.text == b.text and a.answer == b.answer and a.tokens == b.tokens == 12
+    assert iou(a.mask, b.mask) >= 0.99
