@@ -119,12 +119,11 @@ def max_abs(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
+    import gc
+
     import torch
 
-    from conceptseg.backends.engines import build_prompt
-    from conceptseg.backends.ort import OrtGraph
     from conceptseg.backends.torch_sam3 import TorchSam3, preprocess
-    from conceptseg.masks import iou
     from conceptseg.samples import sample_target
 
     torch.set_num_threads(args.threads)
@@ -133,8 +132,35 @@ def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
     engines = Path(args.engines)
     pixels = preprocess(sample_target(), ref.side)
     rows: dict[str, Any] = {}
+    steps = set(args.steps.split(","))
 
-    # vision encoder
+    def report(prefix: str) -> None:
+        for key, row in rows.items():
+            if key.startswith(prefix):
+                print(f"{key}: {json.dumps(row)}", flush=True)
+
+    if "vision" in steps:
+        rows |= _bench_vision(args, ref, engines, pixels, runner)
+        report("vision/")
+        gc.collect()  # the vision sessions' arenas go before the heads are measured
+    if "heads" in steps:
+        rows |= _bench_heads(args, ref, engines, runner)
+        report("heads/")
+        gc.collect()
+    if "text" in steps:
+        rows |= _bench_text(args, ref, engines, runner)
+        report("text/")
+    return rows
+
+
+def _bench_vision(
+    args: argparse.Namespace, ref: Any, engines: Path, pixels: Any, runner: Callable
+) -> dict:
+    import torch
+
+    from conceptseg.backends.ort import OrtGraph
+
+    rows: dict[str, Any] = {}
     vision = {"ort_fp32": OrtGraph(engines, "sam3_vision", args.threads)}
     if args.int8:
         vision["ort_int8"] = OrtGraph(engines, "sam3_vision.int8", args.threads)
@@ -156,7 +182,19 @@ def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
             "max_abs_vs_torch": max_abs(result["outputs"][name], base)
         }
 
-    # heads on a 40-slot prompt (8 concept + 32 text), as in a reasoning request
+    return rows
+
+
+def _bench_heads(args: argparse.Namespace, ref: Any, engines: Path, runner: Callable) -> dict:
+    """Heads on a 40-slot prompt (8 concept + 32 text), as in a reasoning request."""
+    import torch
+
+    from conceptseg.backends.engines import build_prompt
+    from conceptseg.backends.ort import OrtGraph
+    from conceptseg.masks import iou
+    from conceptseg.samples import sample_target
+
+    rows: dict[str, Any] = {}
     feats, mask = ref.text_features("the mug with a handle")
     concept = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32) * 0.1
     prompt, prompt_mask = build_prompt(feats[0].numpy(), mask[0].numpy(), concept, 8)
@@ -183,8 +221,15 @@ def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
             "max_abs_vs_torch": max_abs([out], [base]),
             "mask_iou_vs_torch": iou(out > 0, base > 0),
         }
+    return rows
 
-    # text encoder
+
+def _bench_text(args: argparse.Namespace, ref: Any, engines: Path, runner: Callable) -> dict:
+    import torch
+
+    from conceptseg.backends.ort import OrtGraph
+
+    rows: dict[str, Any] = {}
     text = OrtGraph(engines, "sam3_text", args.threads)
     ids, ids_mask = ref.tokenize("the mug with a handle")
 
@@ -239,6 +284,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--int8", action="store_true", help="also time sam3_vision.int8.onnx")
+    parser.add_argument(
+        "--steps", default="vision,heads,text", help="comma list of vision,heads,text"
+    )
     parser.add_argument("--runner", default="identity", choices=sorted(RUNNERS))
     args = parser.parse_args()
     rows = bench_sam3(args) if args.target == "sam3" else quantize(args)
