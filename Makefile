@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test,serve]'
 	$(PY) -m pip install -q --no-deps '$(PYTRITON)'
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-stub-site '$(STUB_NUMPY)'
+	bash tests/meta_sam3_requirements.sh  # Meta's sam3, test-only, without its conflicting pins
 	touch $@
 
 test: install
@@ -29,7 +30,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check runtime export tests benchmarks
+	$(VENV)/bin/ruff check runtime export tests benchmarks triton_repo
 
 synth: install
 	$(VENV)/bin/conceptseg synth --out $(WEIGHTS) --size tiny

@@ -1,4 +1,4 @@
-"""``conceptseg`` command line: synth, segment, demo.
+"""``conceptseg`` command line: synth, export, segment, serve, client, demo.
 
 Bad input (a path, a box, a prompt) ends with one line ``error: <argument>: <what and how to
 fix it>`` and exit status 2; never a traceback from inside a library.
@@ -102,6 +102,7 @@ def _pipeline(args: argparse.Namespace, request: Request) -> Any:
         engines=engines,
         config=config,
         plans=Path(args.plans) if args.plans else None,
+        mllm_precision=args.mllm_precision,
     )
 
 
@@ -138,6 +139,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """The bundled sample: through the Triton server (start, request, print, stop) or in-process."""
     from conceptseg.checkpoints import synth
     from conceptseg.samples import sample_request
 
@@ -154,9 +156,130 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(
         f"sample: target {out / 'target.png'}, prompt {request.question!r}, {len(request.references)} references"
     )
-    result = _pipeline(args, request).run(request)
-    png, js = write_outputs(result, str(out / "demo"))
-    _report(result, png, js, weights)
+    if args.in_process:
+        result = _pipeline(args, request).run(request)
+        png, js = write_outputs(result, str(out / "demo"))
+        _report(result, png, js, weights)
+        return
+    _demo_served(args, request, weights, out)
+
+
+def _demo_served(args: argparse.Namespace, request: Request, weights: Path, out: Path) -> None:
+    from conceptseg.client import Client
+    from conceptseg.serve import Server, free_port
+
+    engines = Path(args.engines or "engines/tiny")
+    if not (engines / "manifest.json").exists():
+        print(f"exporting the ONNX engines to {engines} ...")
+        cmd_export(
+            build_parser().parse_args(["export", "--weights", str(weights), "--out", str(engines)])
+        )
+    cfg = _serve_config(args, engines, free_port(), free_port(), free_port())
+    print(f"starting tritonserver (cpu profile) on {cfg.host} ...", flush=True)
+    with Server(cfg) as server:
+        print(f"ready: HTTP {cfg.urls['http']}  gRPC {cfg.urls['grpc']}  (log {server.log_path})")
+        with Client(cfg.urls["grpc"], protocol="grpc") as client:
+            response = client.segment(
+                request.image, request.question, [(r.image, r.box) for r in request.references]
+            )
+        print("stopping tritonserver ...")
+    png, js = _write_response(response, str(out / "demo"))
+    _show(response.result, png, js, weights)
+
+
+def _write_response(response: Any, prefix: str) -> tuple[Path, Path]:
+    """``PREFIX.png`` and ``PREFIX.json`` from a server response, as ``write_outputs`` does."""
+    from conceptseg.masks import to_png
+
+    base = Path(prefix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    png, js = base.with_name(base.name + ".png"), base.with_name(base.name + ".json")
+    png.write_bytes(to_png(response.mask))
+    js.write_text(json.dumps(response.result, indent=2) + "\n")
+    return png, js
+
+
+def _show(shown: dict[str, Any], png: Path, js: Path, weights: Path | None) -> None:
+    from conceptseg.checkpoints import is_synthetic
+
+    shown = dict(shown)
+    if len(shown.get("text") or "") > 300:  # the file keeps all of it
+        shown["text"] = shown["text"][:300] + f"... ({len(shown['text'])} characters, see {js})"
+    print(json.dumps(shown, indent=2))
+    print(f"mask: {png}\nresult: {js}")
+    synthetic = (
+        is_synthetic(weights) if weights else shown.get("versions", {}).get("synthetic_weights")
+    )
+    if synthetic:
+        print(SYNTHETIC_BANNER)
+
+
+def _serve_config(
+    args: argparse.Namespace, engines: Path, http: int, grpc: int, metrics: int
+) -> Any:
+    from dataclasses import asdict
+
+    from conceptseg.serve import ServeConfig
+
+    return ServeConfig(
+        engines=engines,
+        profile=getattr(args, "profile", "cpu"),
+        plans=Path(args.plans) if getattr(args, "plans", None) else None,
+        host=getattr(args, "host", None) or "127.0.0.1",
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        pipeline_config=asdict(_config(args)),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from conceptseg.serve import serve_forever
+
+    cfg = _serve_config(args, Path(args.engines), args.http_port, args.grpc_port, args.metrics_port)
+    cfg.model_control = args.model_control
+    cfg.mllm_backend, cfg.mllm_precision = args.mllm_backend, args.mllm_precision
+    cfg.mllm_path = Path(args.mllm_path) if args.mllm_path else None
+    if args.tritonserver:
+        cfg.tritonserver = Path(args.tritonserver)
+    if args.backend_dir:
+        cfg.backend_dir = Path(args.backend_dir)
+    if serve_forever(cfg) != 0:
+        raise SystemExit(1)
+
+
+def cmd_client(args: argparse.Namespace) -> None:
+    from conceptseg import contract
+    from conceptseg.client import Client, ServerError
+
+    image = _read_bytes(args.image, "--image")
+    references = []
+    for i, spec in enumerate(args.ref or []):
+        ref = parse_ref(spec, i)
+        if ref.box is None:
+            raise RequestError(f"--ref #{i + 1}", "the server takes boxes only: IMG:x1,y1,x2,y2")
+        references.append((_read_bytes(spec.rpartition(":")[0], f"--ref #{i + 1}"), ref.box))
+    options = contract.Options(
+        router=not args.no_router, instance_masks=args.instance_masks, mask_format=args.mask_format
+    )
+    try:
+        with Client(args.url, protocol=args.protocol) as client:
+            response = client.segment(image, args.prompt, references, options)
+    except ServerError as exc:
+        if exc.invalid_argument:
+            raise RequestError("server", exc.message) from None
+        print(f"error: server ({exc.status}): {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ConnectionError as exc:
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    png, js = _write_response(response, args.out)
+    _show(response.result, png, js, None)
+
+
+def _read_bytes(path: str, argument: str) -> bytes:
+    read_image(path, argument)  # same checks and messages as `segment`
+    return Path(path).read_bytes()
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -180,7 +303,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None =
         "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime"
     )
     p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
-    p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf")
+    p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf, ort-genai or trtllm")
+    p.add_argument("--mllm-precision", default="fp32", help="ort-genai: ENGINES/mllm/<precision>")
     p.add_argument(
         "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
     )
@@ -220,11 +344,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.json")
     p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("serve", help="run the Triton server on exported engines (Ctrl-C stops)")
+    p.add_argument("--engines", required=True, help="conceptseg export output (manifest.json)")
+    p.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument(
+        "--plans", default=None, help="gpu: TensorRT plans (default: the one ENGINES/trt-*)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1 only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--model-control", default="none", choices=["none", "explicit"])
+    p.add_argument(
+        "--mllm-backend",
+        default="",
+        choices=["", "hf", "ort-genai", "trtllm"],
+        help="default: hf on cpu, trtllm on gpu",
+    )
+    p.add_argument("--mllm-precision", default="fp32", help="ort-genai: ENGINES/mllm/<precision>")
+    p.add_argument("--mllm-path", default=None, help="MLLM directory (default: from ENGINES)")
+    p.add_argument(
+        "--tritonserver",
+        default=None,
+        help="another Triton build's binary (gpu; with --backend-dir)",
+    )
+    p.add_argument("--backend-dir", default=None, help="its backends directory (gpu: tensorrt)")
+    p.add_argument(
+        "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
+    )
+    p.add_argument("--no-router", action="store_true", help="always run the MLLM")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=0, help="cap on generated tokens (default 768)"
+    )
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("client", help="send one request to a running server")
+    p.add_argument("--url", required=True, help="HOST:PORT (or http://, grpc://)")
+    p.add_argument("--protocol", default=None, choices=["http", "grpc"], help="default: http")
+    p.add_argument("--image", required=True, help="target image (PNG/JPEG)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--ref", action="append", metavar="IMG:x1,y1,x2,y2", help="reference + box (0-4 times)"
+    )
+    p.add_argument("--no-router", action="store_true", help="always reason (skip the SAM 3 probe)")
+    p.add_argument("--instance-masks", action="store_true", help="also return instance masks")
+    p.add_argument("--mask-format", default="png", choices=["png", "rle"])
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.json")
+    p.set_defaults(func=cmd_client)
     p = sub.add_parser(
-        "demo", help="segment the bundled sample (creates synthetic weights if needed)"
+        "demo", help="the bundled sample through the Triton server (creates weights and engines)"
     )
     _add_pipeline_args(p, weights_default="weights/tiny")
     p.add_argument("--out", default="out/demo")
+    p.add_argument("--in-process", action="store_true", help="run the pipeline here, no server")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,205 @@
+"""Client of the ``conceptseg`` Triton model: HTTP or gRPC, sync (:class:`Client`) or asyncio
+(:class:`AsyncClient`). Tensors follow ``conceptseg.contract`` (version 1).
+
+    from conceptseg.client import Client
+    with Client("127.0.0.1:8001", protocol="grpc") as client:
+        response = client.segment(open("target.jpg", "rb").read(), "red mug",
+                                  references=[(open("ref.jpg", "rb").read(), (10, 20, 200, 240))])
+    response.mask  # bool (H, W); response.result: the result JSON (answer, bbox, timings_ms ...)
+
+A refused request raises :class:`ServerError` with Triton's status (``INVALID_ARG``: a bad
+request; the message names the field) and the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from conceptseg import contract
+from conceptseg.types import Box
+
+MODEL = "conceptseg"
+PROTOCOLS = ("http", "grpc")
+
+
+class ServerError(RuntimeError):
+    """The server refused or failed a request: ``status`` is Triton's, ``message`` its text."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    @property
+    def invalid_argument(self) -> bool:
+        return self.status in ("400", "StatusCode.INVALID_ARGUMENT", "INVALID_ARG")
+
+
+def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
+    """``[http://|grpc://]HOST:PORT`` -> (protocol, HOST:PORT); no scheme means ``protocol`` or http."""
+    for scheme in PROTOCOLS:
+        if url.startswith(f"{scheme}://"):
+            return scheme, url[len(scheme) + 3 :]
+    protocol = protocol or "http"
+    assert protocol in PROTOCOLS, f"protocol {protocol!r} is not one of {PROTOCOLS}"
+    return protocol, url
+
+
+def _module(protocol: str, aio: bool) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as grpc_mod
+        import tritonclient.grpc.aio as grpc_aio
+
+        return grpc_aio if aio else grpc_mod
+    import tritonclient.http as http_mod
+    import tritonclient.http.aio as http_aio
+
+    return http_aio if aio else http_mod
+
+
+def _inputs(module: Any, arrays: dict[str, np.ndarray]) -> list[Any]:
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _outputs(module: Any, instance_masks: bool) -> list[Any]:
+    names = ["mask", "result"] + (["instance_masks"] if instance_masks else [])
+    return [module.InferRequestedOutput(n) for n in names]
+
+
+def _status(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status)
+
+
+def _message(exc: Exception) -> str:
+    message = getattr(exc, "message", None)
+    return str(message() if callable(message) else exc)
+
+
+def _request(
+    image: Image.Image | bytes,
+    prompt: str,
+    references: Sequence[tuple[Image.Image | bytes, Box]],
+    options: contract.Options,
+) -> dict[str, np.ndarray]:
+    return contract.to_request_arrays(image, prompt, list(references), options)
+
+
+class Client:
+    """Blocking client; one connection, reusable for many requests."""
+
+    def __init__(self, url: str, protocol: str | None = None, timeout_s: float = 600.0) -> None:
+        self.protocol, self.url = split_url(url, protocol)
+        self.module = _module(self.protocol, aio=False)
+        kwargs = (
+            {"network_timeout": timeout_s, "connection_timeout": timeout_s}
+            if self.protocol == "http"
+            else {}
+        )
+        self.client = self.module.InferenceServerClient(self.url, **kwargs)
+        self.timeout_s = timeout_s
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.client.is_model_ready(MODEL))
+        except Exception:  # noqa: BLE001 - not reachable is "not ready"
+            return False
+
+    def infer(
+        self, arrays: dict[str, np.ndarray], instance_masks: bool = False
+    ) -> contract.Response:
+        """Send request tensors as they are (no checks here: the server validates)."""
+        from tritonclient.utils import InferenceServerException
+
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        try:
+            result = self.client.infer(
+                MODEL,
+                _inputs(self.module, arrays),
+                outputs=_outputs(self.module, instance_masks),
+                **kwargs,
+            )
+        except InferenceServerException as exc:
+            raise ServerError(_status(exc), _message(exc)) from None
+        names = ["mask", "result"] + (["instance_masks"] if instance_masks else [])
+        return contract.from_response_arrays({n: result.as_numpy(n) for n in names})
+
+    def segment(
+        self,
+        image: Image.Image | bytes,
+        prompt: str,
+        references: Sequence[tuple[Image.Image | bytes, Box]] = (),
+        options: contract.Options | None = None,
+    ) -> contract.Response:
+        """Segment ``prompt`` in ``image`` (PIL or encoded PNG/JPEG bytes), with 0-4 references."""
+        options = options or contract.Options()
+        return self.infer(_request(image, prompt, references, options), options.instance_masks)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client (``tritonclient.{http,grpc}.aio``): ``await client.segment(...)``."""
+
+    def __init__(self, url: str, protocol: str | None = None, timeout_s: float = 600.0) -> None:
+        self.protocol, self.url = split_url(url, protocol)
+        self.module = _module(self.protocol, aio=True)
+        kwargs = {"conn_timeout": timeout_s} if self.protocol == "http" else {}
+        self.client = self.module.InferenceServerClient(self.url, **kwargs)
+        self.timeout_s = timeout_s
+
+    async def infer(
+        self, arrays: dict[str, np.ndarray], instance_masks: bool = False
+    ) -> contract.Response:
+        from tritonclient.utils import InferenceServerException
+
+        timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        try:
+            result = await self.client.infer(
+                MODEL,
+                _inputs(self.module, arrays),
+                outputs=_outputs(self.module, instance_masks),
+                **timeout,
+            )
+        except InferenceServerException as exc:
+            raise ServerError(_status(exc), _message(exc)) from None
+        names = ["mask", "result"] + (["instance_masks"] if instance_masks else [])
+        return contract.from_response_arrays({n: result.as_numpy(n) for n in names})
+
+    async def segment(
+        self,
+        image: Image.Image | bytes,
+        prompt: str,
+        references: Sequence[tuple[Image.Image | bytes, Box]] = (),
+        options: contract.Options | None = None,
+    ) -> contract.Response:
+        options = options or contract.Options()
+        return await self.infer(
+            _request(image, prompt, references, options), options.instance_masks
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,383 @@
+"""The serving wire format, version 1: request and response tensors of the ``conceptseg`` model.
+
+Pure (numpy, PIL, json): the Triton BLS model decodes requests with ``from_request_arrays`` and
+encodes results with ``to_response_arrays``; ``conceptseg.client`` does the inverse. Every bad
+request raises :class:`~conceptseg.types.RequestError` naming the tensor (or option) and the rule.
+
+Request tensors (leading dimension = batch, always 1 per request):
+
+======== ===== ========== ==========================================================
+name     dtype shape      meaning
+======== ===== ========== ==========================================================
+image    BYTES (1, 1)     target image, encoded PNG or JPEG
+prompt   BYTES (1, 1)     UTF-8 question / concept, e.g. "red mug"
+ref_images BYTES (1, N)   optional, N = 0..4 encoded reference images
+ref_boxes FP32 (1, N, 4)  optional, xyxy box of the concept in each reference's pixels
+options  BYTES (1, 1)     optional JSON object, keys in :class:`Options`
+======== ===== ========== ==========================================================
+
+Response tensors: ``mask`` BYTES (1, 1) (PNG, 255 = concept, or COCO RLE JSON), ``result``
+BYTES (1, 1) (JSON: ``Result.to_json()`` keys + ``contract``, ``mask_format``, ``instances``) and
+``instance_masks`` BYTES (1, K) (same encoding as ``mask``; K = 0 unless asked for).
+Boxes in the result are xyxy in original target pixels (``check``: reference 0's pixels).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from conceptseg.config import PipelineConfig
+from conceptseg.mosaic import MAX_REFERENCES, validate_reference
+from conceptseg.types import Box, Reference, Request, RequestError, Result
+
+CONTRACT_VERSION = 1
+IMAGE_FORMATS = ("PNG", "JPEG")
+MASK_FORMATS = ("png", "rle")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model's interface: Triton dtype name and dims after the batch dimension."""
+
+    dtype: str  # "BYTES", "FP32", "INT64", "BOOL"
+    dims: tuple[int, ...]  # -1 = any length
+    optional: bool = False
+
+
+INPUTS = {
+    "image": TensorSpec("BYTES", (1,)),
+    "prompt": TensorSpec("BYTES", (1,)),
+    "ref_images": TensorSpec("BYTES", (-1,), optional=True),
+    "ref_boxes": TensorSpec("FP32", (-1, 4), optional=True),
+    "options": TensorSpec("BYTES", (1,), optional=True),
+}
+OUTPUTS = {
+    "mask": TensorSpec("BYTES", (1,)),
+    "result": TensorSpec("BYTES", (1,)),
+    "instance_masks": TensorSpec("BYTES", (-1,)),
+}
+NUMPY_DTYPES = {"BYTES": np.object_, "FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request switches (the ``options`` JSON); unknown keys are refused."""
+
+    router: bool = True  # probe SAM 3 first (False: always reason)
+    instance_masks: bool = False  # also return SAM 3's instance masks of the final call
+    mask_format: str = "png"  # "png" or "rle" (COCO compressed RLE, column-major)
+    instance_threshold: float = 0.5  # keep instances scoring at least this
+    version: int = CONTRACT_VERSION
+
+    def validate(self) -> Options:
+        for name in ("router", "instance_masks"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"options.{name}", "must be true or false")
+        if self.mask_format not in MASK_FORMATS:
+            raise RequestError(
+                "options.mask_format", f"{self.mask_format!r}: use one of {MASK_FORMATS}"
+            )
+        t = self.instance_threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 1:
+            raise RequestError("options.instance_threshold", f"{t!r}: give a number in [0, 1]")
+        if self.version != CONTRACT_VERSION:
+            raise RequestError(
+                "options.version",
+                f"{self.version!r}: this server speaks version {CONTRACT_VERSION}",
+            )
+        return self
+
+    @classmethod
+    def from_json(cls, text: str) -> Options:
+        try:
+            raw = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise RequestError(
+                "options", f"not valid JSON ({exc.msg}); give a JSON object"
+            ) from None
+        if not isinstance(raw, dict):
+            raise RequestError("options", f"got a JSON {type(raw).__name__}; give a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RequestError("options", f"unknown option(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**raw).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass
+class Instance:
+    """One SAM 3 instance of the final call: score, xyxy box (target pixels), bool (H, W) mask."""
+
+    score: float
+    bbox: Box
+    mask: np.ndarray
+
+
+# --- checks shared by both directions -----------------------------------------------------------
+
+
+def check_tensor(name: str, array: Any, spec: TensorSpec) -> np.ndarray:
+    """``array`` as numpy with the batch dimension of 1, or RequestError naming ``name``."""
+    array = np.asarray(array)
+    want = NUMPY_DTYPES[spec.dtype]
+    ok_dtype = array.dtype == want or (spec.dtype == "BYTES" and array.dtype.kind in "OS")
+    if not ok_dtype:
+        raise RequestError(name, f"dtype {array.dtype} is wrong; send {spec.dtype}")
+    shape = tuple(array.shape)
+    fits = len(shape) == len(spec.dims) + 1 and shape[0] == 1
+    fits = fits and all(d == -1 or d == s for d, s in zip(spec.dims, shape[1:], strict=False))
+    if not fits:
+        dims = ", ".join("N" if d == -1 else str(d) for d in spec.dims)
+        raise RequestError(name, f"shape {list(shape)} is wrong; send (1, {dims})")
+    return array
+
+
+def _bytes(value: Any, name: str) -> bytes:
+    if isinstance(value, bytes | np.bytes_):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    raise RequestError(name, f"element of type {type(value).__name__}; send bytes")
+
+
+def decode_image(data: bytes, name: str, cfg: PipelineConfig) -> Image.Image:
+    """Encoded PNG/JPEG -> RGB image, checking size limits before decoding the pixels."""
+    if len(data) == 0:
+        raise RequestError(name, "zero-size image (0 bytes); send an encoded PNG or JPEG")
+    if len(data) > cfg.max_image_bytes:
+        raise RequestError(
+            name, f"{len(data)} bytes is over the limit of {cfg.max_image_bytes}; downscale it"
+        )
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RequestError(name, f"cannot read it as an image ({exc}); send PNG or JPEG") from None
+    w, h = image.size
+    if image.format not in IMAGE_FORMATS:
+        raise RequestError(name, f"format {image.format} is not accepted; send PNG or JPEG")
+    if w == 0 or h == 0:
+        raise RequestError(name, f"zero-size image ({w}x{h}); send a non-empty image")
+    if w * h > cfg.max_image_pixels:
+        raise RequestError(
+            name, f"{w}x{h} is over the limit of {cfg.max_image_pixels} pixels; downscale it"
+        )
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RequestError(
+            name, f"cannot decode the image data ({exc}); send PNG or JPEG"
+        ) from None
+
+
+def encode_image(image: Image.Image | bytes, fmt: str = "PNG") -> bytes:
+    """PNG bytes of ``image`` (bytes are passed through: already encoded)."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# --- request: client -> server ------------------------------------------------------------------
+
+
+def to_request_arrays(
+    image: Image.Image | bytes,
+    prompt: str,
+    references: list[tuple[Image.Image | bytes, Box]] | tuple = (),
+    options: Options | None = None,
+) -> dict[str, np.ndarray]:
+    """Request tensors for one request (images given as PIL or already-encoded bytes)."""
+    arrays = {
+        "image": np.array([[encode_image(image)]], dtype=np.object_),
+        "prompt": np.array([[prompt.encode()]], dtype=np.object_),
+    }
+    if references:
+        arrays["ref_images"] = np.array(
+            [[encode_image(img) for img, _ in references]], dtype=np.object_
+        )
+        arrays["ref_boxes"] = np.array([[list(box) for _, box in references]], np.float32)
+    if options is not None:
+        arrays["options"] = np.array([[options.to_json().encode()]], dtype=np.object_)
+    return arrays
+
+
+def _references(arrays: dict[str, np.ndarray], cfg: PipelineConfig) -> tuple[Reference, ...]:
+    images = arrays.get("ref_images")
+    boxes = arrays.get("ref_boxes")
+    if images is None and boxes is None:
+        return ()
+    if images is None or boxes is None:
+        given, missing = (
+            ("ref_images", "ref_boxes") if boxes is None else ("ref_boxes", "ref_images")
+        )
+        raise RequestError(missing, f"{given} was sent without {missing}; send both or neither")
+    n = images.shape[1]
+    if n > MAX_REFERENCES:
+        raise RequestError("ref_images", f"got {n} references; give 0 to {MAX_REFERENCES}")
+    if boxes.shape[1] != n:
+        raise RequestError("ref_boxes", f"{boxes.shape[1]} boxes for {n} ref_images; one box each")
+    refs = []
+    for i in range(n):
+        image = decode_image(_bytes(images[0, i], f"ref_images[{i}]"), f"ref_images[{i}]", cfg)
+        box = tuple(float(v) for v in boxes[0, i])
+        if not all(math.isfinite(v) for v in box):
+            raise RequestError(f"ref_boxes[{i}]", f"box {list(box)} must be 4 finite numbers")
+        ref = Reference(image=image, box=box)  # type: ignore[arg-type]
+        try:
+            validate_reference(ref, i)
+        except RequestError as exc:  # same rule, named by the tensor the client sent
+            raise RequestError(f"ref_boxes[{i}]", str(exc).split(": ", 1)[1]) from None
+        refs.append(ref)
+    return tuple(refs)
+
+
+def from_request_arrays(
+    arrays: dict[str, np.ndarray], cfg: PipelineConfig
+) -> tuple[Request, Options]:
+    """Validate and decode request tensors; ``cfg`` gives the size and length limits."""
+    unknown = sorted(set(arrays) - set(INPUTS))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown input; the inputs are {sorted(INPUTS)}")
+    for name, spec in INPUTS.items():
+        if name not in arrays:
+            if not spec.optional:
+                raise RequestError(name, "missing; it is required")
+            continue
+        arrays[name] = check_tensor(name, arrays[name], spec)
+    try:
+        question = _bytes(arrays["prompt"][0, 0], "prompt").decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("prompt", "not valid UTF-8; send UTF-8 text") from None
+    if not question.strip():
+        raise RequestError("prompt", "empty; give the concept to segment, e.g. 'red car'")
+    if len(question) > cfg.max_prompt_chars:
+        raise RequestError(
+            "prompt", f"{len(question)} characters, over the limit of {cfg.max_prompt_chars}"
+        )
+    options = Options()
+    if "options" in arrays:
+        raw = _bytes(arrays["options"][0, 0], "options")
+        try:
+            options = Options.from_json(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError("options", "not valid UTF-8 JSON") from None
+    image = decode_image(_bytes(arrays["image"][0, 0], "image"), "image", cfg)
+    request = Request(image=image, question=question, references=_references(arrays, cfg))
+    return request, options
+
+
+# --- masks: PNG or COCO RLE ---------------------------------------------------------------------
+
+
+def to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE of a bool (H, W) mask: ``{"size": [H, W], "counts": str}``.
+
+    Runs are column-major and start with a run of zeros (pycocotools' ``encode`` on a Fortran
+    array); ``counts`` is pycocotools' string form (``maskUtils.decode`` reads it).
+    """
+    flat = np.asarray(mask, bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    chars = []
+    for i, count in enumerate(runs):
+        x = count - runs[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            chars.append(chr((c | 0x20 if more else c) + 48))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
+
+
+def from_rle(rle: dict[str, Any]) -> np.ndarray:
+    """Inverse of :func:`to_rle`: bool (H, W)."""
+    h, w = rle["size"]
+    counts: list[int] = []
+    s, p = rle["counts"], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        counts.append(x + counts[-2] if len(counts) > 2 else x)
+    values = np.zeros(sum(counts), bool)
+    ends = np.cumsum(counts)
+    for i in range(1, len(counts), 2):
+        values[ends[i - 1] : ends[i]] = True
+    assert values.size == h * w, f"RLE counts cover {values.size} pixels, size says {h}x{w}"
+    return values.reshape((h, w), order="F")
+
+
+def encode_mask(mask: np.ndarray, fmt: str) -> bytes:
+    if fmt == "rle":
+        return json.dumps(to_rle(mask)).encode()
+    from conceptseg.masks import to_png
+
+    return to_png(mask)
+
+
+def decode_mask(data: bytes, fmt: str) -> np.ndarray:
+    if fmt == "rle":
+        return from_rle(json.loads(data))
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("L")) > 0
+
+
+# --- response: server -> client -----------------------------------------------------------------
+
+
+def to_response_arrays(
+    result: Result, options: Options, instances: list[Instance] | None = None
+) -> dict[str, np.ndarray]:
+    instances = instances or []
+    info = result.to_json()
+    info.update(
+        contract=CONTRACT_VERSION,
+        mask_format=options.mask_format,
+        instances=[{"score": i.score, "bbox": list(i.bbox)} for i in instances],
+    )
+    masks = [encode_mask(i.mask, options.mask_format) for i in instances]
+    return {
+        "mask": np.array([[encode_mask(result.mask, options.mask_format)]], dtype=np.object_),
+        "result": np.array([[json.dumps(info).encode()]], dtype=np.object_),
+        "instance_masks": np.array([masks], dtype=np.object_).reshape(1, len(masks)),
+    }
+
+
+@dataclass
+class Response:
+    """A decoded response: bool (H, W) ``mask``, the ``result`` JSON, instance masks in order."""
+
+    mask: np.ndarray
+    result: dict[str, Any]
+    instance_masks: list[np.ndarray]
+
+
+def from_response_arrays(arrays: dict[str, np.ndarray]) -> Response:
+    result = json.loads(_bytes(np.asarray(arrays["result"]).ravel()[0], "result"))
+    fmt = result["mask_format"]
+    mask = decode_mask(_bytes(np.asarray(arrays["mask"]).ravel()[0], "mask"), fmt)
+    raw = arrays.get("instance_masks")
+    instance_masks = (
+        [] if raw is None else [decode_mask(_bytes(b, "mask"), fmt) for b in raw.ravel()]
+    )
+    return Response(mask=mask, result=result, instance_masks=instance_masks)

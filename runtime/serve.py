@@ -1,0 +1,373 @@
+"""``conceptseg serve``: the real Triton server on a generated model repository.
+
+The server is the ``tritonserver`` binary (2.51.0, with the Python backend) from the
+``nvidia-pytriton`` wheel. Everything it needs is made per run in a temporary directory:
+
+- ``repo/``: the model repository for the profile (``conceptseg_triton.fill_template``), checked
+  against the engine manifests before the server starts;
+- ``backends/python/``: the wheel's Python backend with the ``triton_python_backend_stub`` for
+  this Python (``python_backend_stubs/3.11/``) copied beside it, where the backend looks for it;
+- ``stub-env/``: a virtual environment the stub embeds Python from. The stub resolves its
+  interpreter as ``python3`` on ``PATH`` (so this env's ``bin`` goes first) and reads its
+  ``pyvenv.cfg``; a ``.pth`` file puts numpy 1.26 (``.venv/triton-stub-site``) ahead of this
+  venv's site-packages, which come next with the editable ``conceptseg``. The stub's pybind11
+  predates numpy 2 (it reads numpy-1 dtype structs: BYTES tensors crash, numbers come out wrong),
+  so the stub must not see numpy 2; this process and the client keep numpy 2.
+
+``LD_LIBRARY_PATH`` gets this interpreter's ``libpython3.11.so`` directory first (the stub links
+``libpython3.11.so.1.0``) and the wheel's ``nvidia_pytriton.libs``. Addresses default to
+127.0.0.1; the server runs in its own session so Ctrl-C here stops it cleanly (SIGINT, then the
+whole group after ``exit_timeout``), and it gets SIGTERM if this process dies without stopping it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import venv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conceptseg.types import RequestError
+
+STUB_SITE = Path(sys.prefix) / "triton-stub-site"  # numpy<2 for the stub (Makefile installs it)
+LOCALHOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the wheel put the server: binary, backends, stubs and bundled libraries."""
+
+    root: Path  # .../site-packages/pytriton/tritonserver
+    libs: Path  # .../site-packages/nvidia_pytriton.libs
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def stub(self) -> Path:
+        major, minor = sys.version_info[:2]
+        return (
+            self.root / "python_backend_stubs" / f"{major}.{minor}" / "triton_python_backend_stub"
+        )
+
+
+def find_triton() -> TritonInstall:
+    """The ``tritonserver`` of the installed ``nvidia-pytriton`` wheel, or RequestError."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    install = TritonInstall(site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs")
+    if not install.binary.exists() or not install.stub.exists():
+        raise RequestError(
+            "serve",
+            f"no tritonserver with a Python {sys.version_info[0]}.{sys.version_info[1]} stub in "
+            f"{install.root}; run `make install` (pip install --no-deps nvidia-pytriton==0.5.13)",
+        )
+    if not STUB_SITE.joinpath("numpy").is_dir():
+        raise RequestError(
+            "serve",
+            f"{STUB_SITE} has no numpy 1.26 for the backend stub; run `make install` "
+            f"(pip install --no-deps --target {STUB_SITE} numpy==1.26.4)",
+        )
+    return install
+
+
+def prepare_backends(install: TritonInstall, dest: Path) -> Path:
+    """``dest/python``: the wheel's Python backend with this Python's stub beside it."""
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (python / name).symlink_to(install.root / "backends" / "python" / name)
+    shutil.copy2(install.stub, python / "triton_python_backend_stub")
+    return dest
+
+
+def prepare_stub_env(dest: Path) -> Path:
+    """A venv over this one whose ``python3`` the stub finds on PATH; numpy 1.26 goes first."""
+    venv.create(dest, with_pip=False, symlinks=True, clear=True)
+    site = Path(sysconfig.get_paths(vars={"base": str(dest), "platbase": str(dest)})["purelib"])
+    ours = sysconfig.get_paths()["purelib"]
+    (site / "_conceptseg_stub.pth").write_text(
+        f"{STUB_SITE}\nimport site; site.addsitedir({ours!r})\n"
+    )
+    return dest
+
+
+def server_env(install: TritonInstall, stub_env: Path) -> dict[str, str]:
+    env = dict(os.environ)  # the child's environment; nothing here is configuration
+    env["PATH"] = f"{stub_env / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    paths = [libdir, str(install.libs), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
+    env.pop("PYTHONHOME", None)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child may not import or load
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM (Triton's clean shutdown) when this process dies, so a
+    killed ``serve`` or test run never leaves a server behind (Linux ``prctl``)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """One server: engines, profile, addresses, and what goes into the repository."""
+
+    engines: Path
+    profile: str = "cpu"
+    plans: Path | None = None  # gpu: TensorRT plans (default: the one ENGINES/trt-*)
+    host: str = LOCALHOST
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_control: str = "none"  # "explicit": models can be unloaded/loaded (tests)
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+    orchestrator_instances: int = 2
+    engine_threads: int = 0
+    mllm_backend: str = ""  # hf | ort-genai (cpu) | trtllm (gpu); default: hf on cpu, trtllm on gpu
+    mllm_precision: str = "fp32"  # ort-genai
+    mllm_path: Path | None = None  # default: from the engines directory (fill_template)
+    # another Triton build (gpu: with the tensorrt backend), used as it is: both or neither
+    tritonserver: Path | None = None
+    backend_dir: Path | None = None
+    ready_timeout_s: float = 300.0
+    exit_timeout_s: int = 30  # Triton's default; unloading takes ~5 s here
+    log_verbose: int = 0
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {
+            "http": f"{self.host}:{self.http_port}",
+            "grpc": f"{self.host}:{self.grpc_port}",
+            "metrics": f"http://{self.host}:{self.metrics_port}/metrics",
+        }
+
+
+def _command(cfg: ServeConfig, binary: Path, repo: Path, backends: Path) -> list[str]:
+    cmd = [str(binary), f"--model-repository={repo}", f"--backend-directory={backends}"]
+    for kind, port in (
+        ("http", cfg.http_port),
+        ("grpc", cfg.grpc_port),
+        ("metrics", cfg.metrics_port),
+    ):
+        cmd += [f"--{kind}-address={cfg.host}", f"--{kind}-port={port}"]
+    cmd += [
+        f"--model-control-mode={cfg.model_control}",
+        f"--exit-timeout-secs={cfg.exit_timeout_s}",
+        f"--log-verbose={cfg.log_verbose}",
+        "--strict-readiness=true",
+        "--disable-auto-complete-config",
+    ]
+    if cfg.model_control == "explicit":
+        cmd.append("--load-model=*")
+    return cmd
+
+
+class Server:
+    """A running ``tritonserver``; ``start`` returns once every model is ready."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.workdir = Path(tempfile.mkdtemp(prefix="conceptseg-triton-"))
+        self.log_path = self.workdir / "tritonserver.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def prepare(self) -> list[str]:
+        """Repository, backends and stub env in the work dir; the server command line."""
+        from conceptseg_triton.fill_template import (
+            RepoOptions,
+            TemplateError,
+            build_repository,
+            validate_repository,
+        )
+
+        cfg = self.cfg
+        if cfg.profile not in ("cpu", "gpu"):
+            raise RequestError("--profile", f"{cfg.profile!r}: choose cpu or gpu")
+        engines = Path(cfg.engines).resolve()
+        if not (engines / "manifest.json").exists():
+            raise RequestError(
+                "--engines",
+                f"{engines} has no manifest.json; run `conceptseg export --out {engines}`",
+            )
+        plans = cfg.plans
+        if cfg.profile == "gpu" and plans is None:
+            from conceptseg.backends.trt import find_plans
+
+            plans = find_plans(engines)
+        external = cfg.tritonserver is not None
+        if external != (cfg.backend_dir is not None):
+            raise RequestError(
+                "--tritonserver/--backend-dir",
+                "give both (another Triton build) or neither (the pytriton wheel's server)",
+            )
+        install = None if external else find_triton()
+        opts = RepoOptions(
+            orchestrator_instances=cfg.orchestrator_instances,
+            engine_threads=cfg.engine_threads,
+            pipeline_config=cfg.pipeline_config,
+            mllm_backend=cfg.mllm_backend,
+            mllm_precision=cfg.mllm_precision,
+            mllm_path=cfg.mllm_path,
+        )
+        try:
+            repo = build_repository(cfg.profile, engines, self.workdir / "repo", opts, plans)
+            problems = validate_repository(repo, engines, cfg.profile, plans)
+        except TemplateError as exc:
+            flags = (
+                "--engines/--plans/--mllm-path" if cfg.profile == "gpu" else "--engines/--mllm-path"
+            )
+            raise RequestError(flags, str(exc)) from None
+        if problems:
+            raise RequestError(
+                "--engines", "the generated repository is invalid: " + "; ".join(problems)
+            )
+        if install is None:  # e.g. the NGC container: its own stub and Python, this package in it
+            assert cfg.tritonserver is not None and cfg.backend_dir is not None
+            self.env = dict(os.environ)
+            return _command(cfg, Path(cfg.tritonserver), repo, Path(cfg.backend_dir))
+        if cfg.profile == "gpu":
+            raise RequestError(
+                "--profile gpu",
+                "the pytriton wheel's server has only the python backend; give --tritonserver "
+                "and --backend-dir of a Triton 2.51 build with tensorrt (the NGC container)",
+            )
+        backends = prepare_backends(install, self.workdir / "backends")
+        self.env = server_env(install, prepare_stub_env(self.workdir / "stub-env"))
+        return _command(cfg, install.binary, repo, backends)
+
+    def start(self) -> Server:
+        try:
+            command = self.prepare()
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
+                    preexec_fn=_die_with_parent,
+                )
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # nothing left behind: process group, work dir
+            raise
+        return self
+
+    def ready(self) -> bool:
+        url = f"http://{self.cfg.host}:{self.cfg.http_port}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with {self.process.returncode} before it was ready:\n"
+                    + self.log_tail()
+                )
+            if self.ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"tritonserver not ready after {self.cfg.ready_timeout_s:.0f} s:\n" + self.log_tail()
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:]) + f"\n(full log: {self.log_path})"
+
+    def stop(self) -> int | None:
+        """SIGINT (Triton's clean shutdown), then SIGKILL to the server's group; returns its code."""
+        process, code = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                code = process.wait(timeout=self.cfg.exit_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                code = process.wait()
+        elif process is not None:
+            code = process.returncode
+        if process is not None:
+            try:  # stubs left behind by a killed server are in its session's group
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.process = None
+        return code
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the server the way Ctrl-C does
+
+
+def serve_forever(cfg: ServeConfig) -> int:
+    """Start, print the URLs, wait for Ctrl-C (or SIGTERM), stop. Returns the exit status."""
+    server, status = Server(cfg), 0
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(
+            f"starting tritonserver ({cfg.profile} profile, engines {cfg.engines}) ...", flush=True
+        )
+        server.start()
+        urls = cfg.urls
+        print(
+            f"ready: HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}",
+            flush=True,
+        )
+        print(f"repository and log: {server.workdir} (removed on exit); Ctrl-C stops", flush=True)
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"tritonserver exited by itself:\n{server.log_tail()}", flush=True)
+        status = 1
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:  # the server did not come up: its log says why
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown
+        signal.signal(signal.SIGTERM, previous)
+        if server.process is not None:
+            print("stopping tritonserver ...", flush=True)
+        code = server.stop()
+        if code is not None:
+            print(f"stopped (exit status {code})", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return status

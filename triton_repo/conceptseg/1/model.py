@@ -1,0 +1,46 @@
+"""The orchestrator: ``conceptseg.pipeline`` over the engine models, through BLS.
+
+Each request of a batch runs in a worker thread of the orchestrator's pool (the pipeline is
+synchronous); the BLS calls it makes are ``async_exec`` on this model's event loop. Bad requests come back as
+INVALID_ARG naming the field, anything else as INTERNAL for that request only.
+"""
+
+import asyncio
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from conceptseg import contract
+from conceptseg.backends import triton as glue
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = glue.model_params(args, ("engines", "profile", "pipeline_config"))
+        engines = Path(params["engines"])
+        self.bls = glue.Bls(pb_utils, loop=None)  # bound to the running loop in execute
+        self.orchestrator = glue.Orchestrator(
+            engines,
+            self.bls,
+            glue.pipeline_config(params),
+            glue.serving_versions(engines, params),
+            workers=max(1, json.loads(args["model_config"])["max_batch_size"]),
+        )
+
+    async def execute(self, requests):
+        self.bls.loop = asyncio.get_running_loop()
+        responses = await asyncio.gather(*(self._respond(request) for request in requests))
+        assert len(responses) == len(requests)
+        return list(responses)
+
+    async def _respond(self, request):
+        try:
+            arrays = glue.read_inputs(pb_utils, request, list(contract.INPUTS))
+            out = await self.orchestrator.submit(arrays)
+            return glue.to_response(pb_utils, out)
+        except Exception as exc:  # noqa: BLE001 - one request fails, the batch goes on
+            return glue.error_response(pb_utils, exc, pb_utils.Logger)
+
+    def finalize(self):
+        self.orchestrator.pool.shutdown(wait=False, cancel_futures=True)
