@@ -35,6 +35,35 @@ def versions(weights: Path, **backends: str) -> dict[str, Any]:
     }
 
 
+def build_mllm(
+    kind: str,
+    path: Path,
+    config: PipelineConfig,
+    *,
+    threads: int | None = None,
+    prefix_cache: int = 4,
+) -> Any:
+    """The MLLM backend ``kind`` on the directory it loads (also used by the Triton ``mllm`` model).
+
+    ``hf``: a ConceptSeg-R1 checkpoint; ``ort-genai``: an exported ``ENGINES/mllm/<precision>``;
+    ``trtllm``: a checkpoint written by ``export/trtllm_quantize.py``.
+    """
+    limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
+    if kind == "hf":
+        from conceptseg.backends.hf_mllm import HfMllm
+
+        return HfMllm(path, prefix_cache=prefix_cache, **limits)
+    if kind == "ort-genai":
+        from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
+
+        return OrtGenaiMllm(path, threads=threads, **limits)
+    if kind == "trtllm":
+        from conceptseg.backends.trtllm_mllm import trtllm_mllm
+
+        return trtllm_mllm(path, **limits)
+    raise RequestError("--mllm-backend", f"{kind!r} is not one of {MLLM_BACKENDS}")
+
+
 def build_pipeline(
     weights: Path,
     *,
@@ -57,7 +86,6 @@ def build_pipeline(
     checkpoint written by ``export/trtllm_quantize.py``: ``plans`` or ``engines/trtllm-*``).
     """
     from conceptseg.backends.ctm import TorchCtm
-    from conceptseg.backends.hf_mllm import HfMllm
     from conceptseg.backends.torch_sam3 import TorchSam3
     from conceptseg.checkpoints import check_weights, load_ctm
     from conceptseg.pipeline import Pipeline
@@ -85,19 +113,20 @@ def build_pipeline(
         seg, ctm = trt_sam3(engines, plans), trt_ctm(engines, plans)
     else:
         seg, ctm = TorchSam3(sam3_dir), TorchCtm(load_ctm(mllm_dir))
-    limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
     if mllm_backend == "ort-genai":
-        from conceptseg.backends.ortgenai_mllm import ortgenai_mllm
+        from conceptseg.backends.ortgenai_mllm import PRECISIONS
 
-        mllm: Any = ortgenai_mllm(engines, mllm_precision, threads=threads, **limits)
+        if mllm_precision not in PRECISIONS:
+            raise RequestError("--mllm-precision", f"{mllm_precision!r} is not one of {PRECISIONS}")
+        mllm_path = Path(engines) / "mllm" / mllm_precision
     elif mllm_backend == "trtllm":
         from conceptseg.backends.trt import find_one
-        from conceptseg.backends.trtllm_mllm import trtllm_mllm
 
         hint = "quantize with `python -m conceptseg_export.trtllm_quantize --out ENGINES`"
-        mllm = trtllm_mllm(plans or find_one(engines, "trtllm-*", "--plans", hint), **limits)
+        mllm_path = plans or find_one(engines, "trtllm-*", "--plans", hint)
     else:
-        mllm = HfMllm(mllm_dir, prefix_cache=prefix_cache, **limits)
+        mllm_path = mllm_dir
+    mllm = build_mllm(mllm_backend, mllm_path, config, threads=threads, prefix_cache=prefix_cache)
     info = versions(weights, backend=backend, mllm_backend=mllm_backend, engines=str(engines or ""),
                     mllm_precision=mllm_precision if mllm_backend == "ort-genai" else "")  # fmt: skip
     return Pipeline(seg, mllm, ctm, config, info)

@@ -177,22 +177,3 @@ class OrtGenaiMllm:
     def hidden_size(self) -> int:
         config = json.loads((self.model_dir / "genai_config.json").read_text())
         return int(config["model"]["decoder"]["hidden_size"])
-
-
-def ortgenai_mllm(
-    engines: Path,
-    precision: str = "fp32",
-    *,
-    max_new_tokens: int = 768,
-    max_length: int = 2816,
-    threads: int | None = None,
-) -> OrtGenaiMllm:
-    """The ort-genai MLLM backend on ``engines/mllm/<precision>`` (``fp32`` or ``int4``)."""
-    if precision not in PRECISIONS:
-        raise RequestError("--mllm-precision", f"{precision!r} is not one of {PRECISIONS}")
-    return OrtGenaiMllm(
-        Path(engines) / "mllm" / precision,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        threads=threads,
-    )

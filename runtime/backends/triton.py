@@ -127,20 +127,12 @@ def build_mllm(params: dict[str, str], config: PipelineConfig) -> Any:
     The same backends and arguments as ``conceptseg.backends.build_pipeline``; the repository
     tool has already resolved which directory each one loads.
     """
-    name, path = params["mllm_backend"], Path(params["mllm_path"])
-    limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
-    if name == "hf":
-        from conceptseg.backends.hf_mllm import HfMllm
+    from conceptseg.backends import build_mllm as build
 
-        return HfMllm(path, prefix_cache=int(params["prefix_cache"]), **limits)
-    if name == "ort-genai":
-        from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
-
-        return OrtGenaiMllm(path, **limits)
-    assert name == "trtllm", f"mllm_backend {name!r} is not hf, ort-genai or trtllm"
-    from conceptseg.backends.trtllm_mllm import trtllm_mllm
-
-    return trtllm_mllm(path, **limits)
+    prefix_cache = int(params.get("prefix_cache", 4))
+    return build(
+        params["mllm_backend"], Path(params["mllm_path"]), config, prefix_cache=prefix_cache
+    )
 
 
 def group_by_shape(feeds: list[dict[str, np.ndarray]]) -> list[list[int]]:
