@@ -95,6 +95,22 @@ def _request(
     return contract.to_request_arrays(image, prompt, list(references), options)
 
 
+def _infer_kwargs(client: Any, arrays: dict[str, np.ndarray], instance_masks: bool) -> dict:
+    """``infer`` arguments shared by the sync and asyncio clients (``client_timeout``: gRPC only)."""
+    kwargs = {"client_timeout": client.timeout_s} if client.protocol == "grpc" else {}
+    return {
+        "model_name": MODEL,
+        "inputs": _inputs(client.module, arrays),
+        "outputs": _outputs(client.module, instance_masks),
+        **kwargs,
+    }
+
+
+def _response(result: Any, instance_masks: bool) -> contract.Response:
+    names = ["mask", "result"] + (["instance_masks"] if instance_masks else [])
+    return contract.from_response_arrays({n: result.as_numpy(n) for n in names})
+
+
 class Client:
     """Blocking client; one connection, reusable for many requests."""
 
@@ -121,18 +137,11 @@ class Client:
         """Send request tensors as they are (no checks here: the server validates)."""
         from tritonclient.utils import InferenceServerException
 
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:
-            result = self.client.infer(
-                MODEL,
-                _inputs(self.module, arrays),
-                outputs=_outputs(self.module, instance_masks),
-                **kwargs,
-            )
+            result = self.client.infer(**_infer_kwargs(self, arrays, instance_masks))
         except InferenceServerException as exc:
             raise ServerError(_status(exc), _message(exc)) from None
-        names = ["mask", "result"] + (["instance_masks"] if instance_masks else [])
-        return contract.from_response_arrays({n: result.as_numpy(n) for n in names})
+        return _response(result, instance_masks)
 
     def segment(
         self,
@@ -170,18 +179,11 @@ class AsyncClient:
     ) -> contract.Response:
         from tritonclient.utils import InferenceServerException
 
-        timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:
-            result = await self.client.infer(
-                MODEL,
-                _inputs(self.module, arrays),
-                outputs=_outputs(self.module, instance_masks),
-                **timeout,
-            )
+            result = await self.client.infer(**_infer_kwargs(self, arrays, instance_masks))
         except InferenceServerException as exc:
             raise ServerError(_status(exc), _message(exc)) from None
-        names = ["mask", "result"] + (["instance_masks"] if instance_masks else [])
-        return contract.from_response_arrays({n: result.as_numpy(n) for n in names})
+        return _response(result, instance_masks)
 
     async def segment(
         self,
