@@ -7,6 +7,9 @@ Targets:
 - ``sam3``: SAM 3 vision encoder, text encoder and heads (40-slot prompt) at the checkpoint's
   resolution: torch eager (transformers, fp32) vs the exported graphs under ONNX Runtime (fp32, and
   int8-dynamic if ``--int8`` points at a quantized vision graph made by ``quantize``).
+- ``mllm``: the MLLM's prefill and decode tokens/s, transformers bf16 vs the ort-genai export
+  (int4 by default), with bytes moved per token and the machine's read bandwidth
+  (``mllm_bench.py``).
 - ``quantize``: writes ``sam3_vision.int8.onnx`` (dynamic int8 MatMul weights) beside the graph.
 
 Prints a table; the last stdout line is one JSON object with machine, versions and config.
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mllm_bench  # beside this file
 import numpy as np
 
 
@@ -277,7 +281,7 @@ def print_table(rows: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=["sam3", "quantize"])
+    parser.add_argument("target", choices=["sam3", "mllm", "quantize"])
     parser.add_argument("--weights", default="weights/real-3b")
     parser.add_argument("--engines", default="engines/real-3b")
     parser.add_argument("--repeats", type=int, default=5)
@@ -288,10 +292,16 @@ def main() -> None:
         "--steps", default="vision,heads,text", help="comma list of vision,heads,text"
     )
     parser.add_argument("--runner", default="identity", choices=sorted(RUNNERS))
+    mllm_bench.add_args(parser)
     args = parser.parse_args()
-    rows = bench_sam3(args) if args.target == "sam3" else quantize(args)
     if args.target == "sam3":
+        rows = bench_sam3(args)
         print_table(rows)
+    elif args.target == "mllm":
+        rows = mllm_bench.bench_mllm(args, side_by_side, summary, RUNNERS[args.runner])
+        mllm_bench.print_mllm_table(rows)
+    else:
+        rows = quantize(args)
     record = {
         "target": args.target,
         "machine": machine(),

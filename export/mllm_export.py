@@ -238,14 +238,19 @@ def genai_config(builder_config: dict[str, Any], hf_config: dict[str, Any]) -> d
 
 def _onnx_export(module: nn.Module, feeds: dict[str, torch.Tensor], path: Path,
                  outputs: tuple[str, ...], dynamic: dict[str, dict[int, str]]) -> None:  # fmt: skip
+    """Trace ``module`` to ``path`` with its weights in one ``path.name.data`` file. The tracer
+    writes graphs over 2 GB with one external file per tensor; that happens in a scratch
+    directory, so the output directory only ever gets the two files."""
     import onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes on shape arithmetic; parity is checked
-        torch.onnx.export(module, tuple(feeds.values()), str(path), input_names=list(feeds),
-                          output_names=list(outputs), dynamic_axes=dynamic, opset_version=18,
-                          dynamo=False)  # fmt: skip
-    model = onnx.load(str(path))
+    with tempfile.TemporaryDirectory(prefix="conceptseg-trace-") as scratch:
+        traced = Path(scratch) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape arithmetic; parity is checked
+            torch.onnx.export(module, tuple(feeds.values()), str(traced), input_names=list(feeds),
+                              output_names=list(outputs), dynamic_axes=dynamic, opset_version=18,
+                              dynamo=False)  # fmt: skip
+        model = onnx.load(str(traced))  # external tensors, if any, are read from the scratch dir
     names = {i.name for i in model.graph.input}
     for name, tensor in feeds.items():  # the tracer drops unused inputs; the contract keeps them
         if name not in names:

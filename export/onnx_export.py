@@ -50,6 +50,10 @@ class ExportConfig:
     parts: str = field(
         default="all", metadata={"help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm,mllm"}
     )
+    mllm_precisions: str = field(
+        default="fp32,int4",
+        metadata={"help": "comma list of ort-genai decoder precisions: fp32,int4"},
+    )
     mllm_verify_tokens: int = field(
         default=24,
         metadata={"help": "greedy tokens compared with transformers after the mllm export"},
@@ -72,6 +76,19 @@ class ExportConfig:
 
             raise RequestError("--parts", f"unknown {unknown}; choose from {list(PARTS)} or 'all'")
         return parts
+
+    def mllm_precision_list(self) -> tuple[str, ...]:
+        from conceptseg_export.mllm_export import PRECISIONS
+
+        chosen = tuple(p.strip() for p in self.mllm_precisions.split(",") if p.strip())
+        unknown = sorted(set(chosen) - set(PRECISIONS))
+        if unknown or not chosen:
+            from conceptseg.types import RequestError
+
+            raise RequestError(
+                "--mllm-precisions", f"got {self.mllm_precisions!r}; choose from {list(PRECISIONS)}"
+            )
+        return chosen
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -362,6 +379,7 @@ def main(cfg: ExportConfig) -> Path:
     from conceptseg.checkpoints import check_weights, is_synthetic, load_ctm
 
     parts = cfg.part_list()
+    precisions = cfg.mllm_precision_list() if "mllm" in parts else ()
     mllm_dir, sam3_dir = check_weights(cfg.weights)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,7 +409,9 @@ def main(cfg: ExportConfig) -> Path:
             "[mllm] exporting the Qwen2.5-VL vision/embedding graphs and the ort-genai decoder ...",
             flush=True,
         )
-        manifest["graphs"].update(export_mllm(mllm_dir, out, verify_tokens=cfg.mllm_verify_tokens))
+        manifest["graphs"].update(
+            export_mllm(mllm_dir, out, precisions, verify_tokens=cfg.mllm_verify_tokens)
+        )
     tokenizer_dir = out / "sam3_tokenizer"
     tokenizer_dir.mkdir(exist_ok=True)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):

@@ -1,0 +1,197 @@
+"""``bench.py mllm``: the MLLM's prefill and decode on the bundled sample request, side by side.
+
+Contenders (both as the pipeline runs them, greedy with the reference's decision rule):
+- ``hf_bf16``: transformers' Qwen2.5-VL in bf16 (:class:`HfMllm`, prefix cache off),
+- ``ortgenai_int4``: the exported graphs under onnxruntime-genai (:class:`OrtGenaiMllm`,
+  ``ENGINES/mllm/int4``: fp32 vision tower and embedding, int4 RTN decoder).
+
+Per repeat each contender generates exactly ``--new-tokens`` tokens (stop ids are ignored, so both
+decode the same number of steps whatever random weights pick). Prefill = vision tower + prompt
+(both images), up to the first logits; decode = the token steps after it. Both backends time the
+same span (``Generation.prefill_ms`` / ``decode_ms``; preprocessing excluded).
+
+What limits decoding: every step reads all decoder weights (and the KV cache so far) once, so
+``bytes per token / memory read bandwidth`` bounds the rate. The record gives both byte counts,
+the machine's read bandwidth measured in the same run, and the fraction of that bound reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def hf_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decode step of ``HfMllm`` reads: every language-model parameter but
+    the token-embedding table (one row is gathered), plus the LM head (the same tensor when the
+    embeddings are tied, read once as the head)."""
+    language = model.model.language_model
+    embed = language.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in language.parameters() if p is not embed)
+    head = model.lm_head.weight
+    return int(total + head.numel() * head.element_size())
+
+
+def onnx_bytes_per_token(decoder: Path) -> int:
+    """Bytes of initializers in an ort-genai decoder graph (``model.onnx`` + external data) that
+    one decode step reads whole. The graph takes ``inputs_embeds`` (embeddings excluded); int4
+    MatMulNBits weights count as stored (packed nibbles + scales); tables read one row per step
+    (consumed only by Gather or as rotary cos/sin caches) are left out."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(decoder), load_external_data=False)
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node.op_type, slot))
+
+    def row_lookup(op: str, slot: int) -> bool:
+        return (
+            op.startswith("Gather")
+            or op.endswith("RotaryEmbedding")
+            or (
+                op == "GroupQueryAttention" and slot >= 7  # cos_cache, sin_cache
+            )
+        )
+
+    total = 0
+    for init in model.graph.initializer:
+        uses = consumers.get(init.name, [])
+        if uses and all(row_lookup(op, slot) for op, slot in uses):
+            continue
+        if uses_external_data(init):
+            total += int({e.key: e.value for e in init.external_data}["length"])
+        else:
+            total += onnx.numpy_helper.to_array(init).nbytes
+    return total
+
+
+def kv_bytes_per_token(text_config: dict[str, Any], context: int, element_bytes: int) -> int:
+    """Bytes of KV cache one decode step reads at ``context`` cached positions."""
+    heads = text_config["num_key_value_heads"]
+    head_dim = (
+        text_config.get("head_dim")
+        or text_config["hidden_size"] // text_config["num_attention_heads"]
+    )
+    return 2 * text_config["num_hidden_layers"] * heads * head_dim * context * element_bytes
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth (GB/s): median over ``repeats`` of a ``threads``-thread sum over a
+    ``gib`` GiB float32 tensor (far larger than the caches)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(int(gib * 2**30) // 4)
+    data.sum()  # first touch
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner: Any) -> dict:
+    import torch
+
+    from conceptseg.backends.hf_mllm import HfMllm
+    from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
+    from conceptseg_export.mllm_export import compare_generations, sample_inputs
+
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth_gbs(args.threads)
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)", flush=True)
+    msgs, images = sample_inputs()
+    weights, engines = Path(args.weights) / "mllm", Path(args.engines) / "mllm"
+    n = args.new_tokens
+    hf = HfMllm(weights, dtype=torch.bfloat16, max_new_tokens=n)
+    genai = OrtGenaiMllm(engines / args.precision, max_new_tokens=n, threads=args.threads)
+    for backend in (hf, genai):
+        backend.stop_ids = set()  # exactly n steps each, whatever the random weights pick
+    name = f"ortgenai_{args.precision}"
+    contenders = {"hf_bf16": lambda: hf.generate(msgs, images),
+                  name: lambda: genai.generate(msgs, images)}  # fmt: skip
+    prefill: dict[str, list[float]] = {k: [] for k in contenders}
+    decode: dict[str, list[float]] = {k: [] for k in contenders}
+
+    def recording(key: str) -> Any:
+        def run() -> Any:
+            out = contenders[key]()
+            prefill[key].append(out.prefill_ms)
+            decode[key].append(out.decode_ms / max(len(out.token_ids), 1))
+            print(f"  {key}: prefill {out.prefill_ms / 1e3:.2f} s, "
+                  f"{len(out.token_ids) / (out.decode_ms / 1e3):.2f} tok/s", flush=True)  # fmt: skip
+            return out
+
+        return run
+
+    result = side_by_side({k: recording(k) for k in contenders}, args.repeats, args.warmup, runner)
+    outputs = result["outputs"]
+    ref, ours = outputs["hf_bf16"], outputs[name]
+    forced = genai.decode(msgs, images, forced=ref.token_ids)
+    prompt = ref.prompt_tokens
+    text_config = hf.model.config.text_config.to_dict()
+    context = prompt + n // 2  # mean cached positions over the decode steps
+    weight_bytes = {"hf_bf16": hf_bytes_per_token(hf.model),
+                    name: onnx_bytes_per_token(engines / args.precision / "model.onnx")}  # fmt: skip
+    kv_bytes = {
+        "hf_bf16": kv_bytes_per_token(text_config, context, 2),
+        name: kv_bytes_per_token(text_config, context, 4),
+    }  # ort-genai's cache is fp32 here
+    rows: dict[str, Any] = {}
+    for key in contenders:
+        skip = args.warmup  # the recorder also saw the warm-up runs
+        step_ms = summary(decode[key][skip:])
+        per_token = weight_bytes[key] + kv_bytes[key]
+        rate = 1e3 / step_ms["median_ms"]
+        rows[key] = {
+            "prefill": summary(prefill[key][skip:]),
+            "prefill_tokens": prompt,
+            "decode_step": step_ms,
+            "decode_tokens_per_s": rate,
+            "new_tokens": n,
+            "weight_bytes_per_token": weight_bytes[key],
+            "kv_bytes_per_token": kv_bytes[key],
+            "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / per_token,
+            "fraction_of_bound": rate * per_token / (bandwidth * 1e9),
+        }
+    rows[name]["vs_hf_bf16"] = {
+        "free_running": compare_generations(ref, ours),
+        "teacher_forced": compare_generations(ref, forced, forced=True),
+        "decode_speedup": rows[name]["decode_tokens_per_s"]
+        / rows["hf_bf16"]["decode_tokens_per_s"],
+        "prefill_speedup": rows["hf_bf16"]["prefill"]["median_ms"]
+        / rows[name]["prefill"]["median_ms"],
+    }
+    rows["memory_read_bandwidth_gbs"] = bandwidth
+    return rows
+
+
+def print_mllm_table(rows: dict[str, Any]) -> None:
+    print(f"{'contender':16} {'prefill s':>10} {'tokens':>7} {'decode tok/s':>13} "
+          f"{'GB/token':>9} {'bound tok/s':>12} {'of bound':>9}")  # fmt: skip
+    for key, row in rows.items():
+        if not isinstance(row, dict):
+            continue
+        gb = (row["weight_bytes_per_token"] + row["kv_bytes_per_token"]) / 1e9
+        print(f"{key:16} {row['prefill']['median_ms'] / 1e3:10.2f} {row['prefill_tokens']:7d} "
+              f"{row['decode_tokens_per_s']:13.2f} {gb:9.3f} "
+              f"{row['bandwidth_bound_tokens_per_s']:12.2f} {row['fraction_of_bound']:9.2f}")  # fmt: skip
+    for key, row in rows.items():
+        if isinstance(row, dict) and "vs_hf_bf16" in row:
+            vs = row["vs_hf_bf16"]
+            print(f"{key} vs hf_bf16: decode {vs['decode_speedup']:.2f}x, prefill "
+                  f"{vs['prefill_speedup']:.2f}x, tokens agree {vs['free_running']['agreement']:.2f} "
+                  f"free running / {vs['teacher_forced']['agreement']:.2f} teacher-forced")  # fmt: skip
+    print(json.dumps({"memory_read_bandwidth_gbs": rows.get("memory_read_bandwidth_gbs")}))
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--new-tokens", type=int, default=32, help="mllm: decode steps per run")
+    parser.add_argument("--precision", default="int4", help="mllm: ENGINES/mllm/<precision>")

@@ -1,0 +1,87 @@
+"""``benchmarks/bench.py mllm`` on the tiny checkpoint: it runs both contenders for exactly the
+requested tokens, and its bytes-per-token figures equal counts made independently from the
+checkpoint's tensor shapes (bf16 exactly; int4 within 1% of blocks-of-32 nibbles + fp32 scales).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai==0.18.0")
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENS = 3
+
+
+def checkpoint_shapes(mllm: Path) -> dict[str, list[int]]:
+    shapes = {}
+    for path in sorted(mllm.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                shapes[key] = handle.get_slice(key).get_shape()
+    return shapes
+
+
+def decoder_tensors(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Text decoder tensors read per step: layers, final norm, and the head (tied: the embeddings)."""
+    picked = {k: s for k, s in shapes.items() if k.startswith("model.layers.")}
+    picked["model.norm.weight"] = shapes["model.norm.weight"]
+    picked["head"] = shapes.get("lm_head.weight", shapes["model.embed_tokens.weight"])
+    return picked
+
+
+def int4_bytes(shape: list[int], block: int = 32) -> int:
+    if len(shape) == 1:
+        return 4 * shape[0]  # norms and biases stay fp32
+    rows, cols = shape
+    blocks = rows * math.ceil(cols / block)
+    return blocks * (block // 2) + blocks * 4  # packed nibbles + one fp32 scale per block
+
+
+@pytest.fixture(scope="module")
+def record(tiny_weights, tiny_engines):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "mllm",
+               "--weights", str(tiny_weights), "--engines", str(tiny_engines),
+               "--repeats", "1", "--warmup", "0", "--threads", "1", "--new-tokens", str(TOKENS)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "decode tok/s" in done.stdout  # the table
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_both_contenders_decode_the_requested_tokens(record):
+    rows = record["results"]
+    assert record["target"] == "mllm" and record["machine"]["cores"] >= 1
+    for key in ("hf_bf16", "ortgenai_int4"):
+        row = rows[key]
+        assert row["new_tokens"] == TOKENS
+        assert row["decode_tokens_per_s"] > 0 and row["prefill"]["median_ms"] > 0
+        assert row["prefill_tokens"] > 2 * 441  # two 588 px images: 441 merged patches each
+        assert 0 < row["fraction_of_bound"]
+    vs = rows["ortgenai_int4"]["vs_hf_bf16"]
+    assert vs["free_running"]["tokens"] == TOKENS  # stop ids ignored: exactly TOKENS steps
+    assert vs["teacher_forced"]["tokens"] == TOKENS
+    assert rows["memory_read_bandwidth_gbs"] > 0
+
+
+def test_bytes_per_token_match_the_checkpoint(record, tiny_weights):
+    rows = record["results"]
+    tensors = decoder_tensors(checkpoint_shapes(tiny_weights / "mllm"))
+    assert rows["hf_bf16"]["weight_bytes_per_token"] == 2 * sum(
+        math.prod(s) for s in tensors.values()
+    )
+    expected = sum(int4_bytes(s) for s in tensors.values())
+    assert rows["ortgenai_int4"]["weight_bytes_per_token"] == pytest.approx(expected, rel=0.01)
+    config = json.loads((tiny_weights / "mllm" / "config.json").read_text())
+    text = config.get("text_config", config)
+    kv_heads, layers = text["num_key_value_heads"], text["num_hidden_layers"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    context = rows["hf_bf16"]["prefill_tokens"] + TOKENS // 2
+    assert rows["hf_bf16"]["kv_bytes_per_token"] == 2 * layers * kv_heads * head_dim * context * 2
