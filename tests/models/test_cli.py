@@ -185,3 +185,19 @@ def test_installed_entry_point_reports_errors(files):
         and proc.stderr.startswith("error: --weights")
         and "Traceback" not in proc.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--parts", "sam3_vision,mllm2"], "--parts: unknown ['mllm2']"),
+        (["--parts", "mllm", "--mllm-precisions", "int8"], "--mllm-precisions: got 'int8'"),
+        (["--mllm-precisions", ","], "--mllm-precisions: got ','"),
+    ],
+)
+def test_export_rejects_unknown_parts_and_precisions(
+    tiny_weights, tmp_path, capsys, extra, expected
+):
+    argv = ["export", "--weights", str(tiny_weights), "--out", str(tmp_path / "engines"), *extra]
+    assert expected in _error(argv, capsys)
+    assert not (tmp_path / "engines" / "manifest.json").exists()  # refused before any export
