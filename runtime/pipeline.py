@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +100,9 @@ class Pipeline:
         self.cfg = config or PipelineConfig()
         self.versions = versions or {}
 
-    def run(self, request: Request) -> Result:
+    def run(self, request: Request, on_text: Callable[[str], None] | None = None) -> Result:
+        """One request; ``on_text`` receives the MLLM's reasoning text in deltas as it is
+        generated (never called on the fast path)."""
         cfg, clock = self.cfg, _Clock()
         check_request(request, cfg)
         question = request.question.strip()
@@ -130,7 +132,7 @@ class Pipeline:
             images = [target] if mosaic is None else [mosaic.image, target]
         # 4) MLLM: greedy answer, with the final-norm states of the completion captured on the way
         with clock.step("mllm"):
-            generation = self.mllm.generate(messages, images)
+            generation = self.mllm.generate(messages, images, on_text=on_text)
         clock.timings_ms["mllm_prefill"] = generation.prefill_ms
         clock.timings_ms["mllm_decode"] = generation.decode_ms
         # 5) tags: the answer phrase (SAM 3's text) and the boxes (for clients only)

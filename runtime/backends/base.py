@@ -6,6 +6,7 @@ TensorRT and Triton (BLS) implementations are interchangeable behind them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,8 +34,15 @@ class Generation:
 
 
 class MLLMBackend(Protocol):
-    def generate(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Generation:
-        """Greedy-decode the answer to ``messages`` whose image entries are ``images`` in order."""
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Greedy-decode the answer to ``messages`` whose image entries are ``images`` in order.
+        ``on_text``: called with the completion's text in deltas as it is generated; the deltas
+        join to ``Generation.text`` (see :mod:`conceptseg.textstream`)."""
         ...
 
 

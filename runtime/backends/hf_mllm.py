@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from conceptseg.backends.base import Generation
+from conceptseg.textstream import OnText, tokenizer_stream
 
 VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
 VISION_END_ID = 151653
@@ -181,7 +182,14 @@ class HfMllm:
         return out
 
     @torch.inference_mode()
-    def generate(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Generation:
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: OnText | None = None,
+    ) -> Generation:
+        """Greedy completion; ``on_text`` (optional) receives the text as deltas while decoding."""
+        stream = tokenizer_stream(self.processor.tokenizer, on_text)
         inputs = self.prompt_inputs(messages, images)
         model = self.model
         dtype = model.dtype
@@ -208,6 +216,8 @@ class HfMllm:
         while len(tokens) < budget:
             token = self._next_token(logits, seen)
             tokens.append(token)
+            if stream is not None:
+                stream.push(token)
             step = torch.tensor([[token]])
             seen = torch.cat([seen, step], dim=1)
             out = model.model(input_ids=step, past_key_values=cache, use_cache=True)
@@ -224,4 +234,6 @@ class HfMllm:
             else np.zeros((0, model.config.text_config.hidden_size), np.float32)
         )
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        if stream is not None:
+            stream.finish(text)
         return Generation(text, tokens, hidden, prompt_tokens, stopped, prefill_ms, decode_ms)

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from conceptseg.backends.base import Generation
+from conceptseg.textstream import OnText, tokenizer_stream
 from conceptseg.types import RequestError
 
 VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # as hf_mllm (not imported: no torch)
@@ -129,19 +130,28 @@ class OrtGenaiMllm:
         generator.set_inputs(named)  # runs vision, embedding and the decoder on the prompt
         return generator
 
-    def generate(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Generation:
-        return self.decode(messages, images)
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: OnText | None = None,
+    ) -> Generation:
+        """Greedy completion; ``on_text`` (optional) receives the text as deltas while decoding."""
+        return self.decode(messages, images, on_text=on_text)
 
     def decode(
         self,
         messages: list[dict[str, Any]],
         images: list[Image.Image],
         forced: list[int] | None = None,
+        on_text: OnText | None = None,
     ) -> Generation:
         """Greedy decoding; with ``forced``, teacher forcing: ``forced`` is fed back instead of
         the model's choices, and ``token_ids`` holds the choices (what greedy decoding would have
         picked after each forced prefix), ``hidden`` the states of the forced tokens. Used to
         measure int4's per-step agreement without one early difference deciding all the rest."""
+        tokenizer = self.processor.tokenizer
+        stream = tokenizer_stream(tokenizer, on_text)
         inputs = self.prompt_inputs(messages, images)
         seen = np.asarray(inputs["input_ids"][0], dtype=np.int64)
         prompt_tokens = len(seen)
@@ -162,6 +172,8 @@ class OrtGenaiMllm:
             token = next_token(logits, seen, self.repetition_penalty, VISION_TOKEN_IDS)
             fed = token if forced is None else forced[len(tokens)]
             tokens.append(token)
+            if stream is not None:
+                stream.push(token)
             seen = np.append(seen, fed)
             generator.append_tokens(np.array([fed], dtype=np.int32))
             states.append(np.asarray(generator.get_output("hidden_states"), np.float32).reshape(-1))
@@ -171,7 +183,9 @@ class OrtGenaiMllm:
             logits = generator.get_logits()
         decode_ms = (time.perf_counter() - t1) * 1e3
         hidden = np.stack(states) if states else np.zeros((0, self.hidden_size()), np.float32)
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if stream is not None:
+            stream.finish(text)
         return Generation(text, tokens, hidden, prompt_tokens, stopped, prefill_ms, decode_ms)
 
     def hidden_size(self) -> int:

@@ -46,6 +46,7 @@ from PIL import Image
 from conceptseg.backends.base import Generation
 from conceptseg.backends.hf_mllm import VISION_TOKEN_IDS, apply_repetition_penalty
 from conceptseg.backends.ortgenai_mllm import load_processor, stop_rule
+from conceptseg.textstream import OnText
 from conceptseg.types import RequestError
 
 TRTLLM_PIN = "1.2.1"
@@ -248,7 +249,15 @@ class TrtllmMllm:
             detokenize=False,
         )
 
-    def generate(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Generation:
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: OnText | None = None,
+    ) -> Generation:
+        """Greedy completion. ``on_text`` gets the whole text once generation ends: this backend
+        does not stream yet (the LLM API's ``generate_async(streaming=True)`` would; untested
+        without a GPU, so not wired)."""
         text = self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -278,6 +287,8 @@ class TrtllmMllm:
             self.stop_ids,
         )
         text_out = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_text is not None and text_out:
+            on_text(text_out)
         # the LLM API reports no prefill/decode split here: the total goes to decode_ms
         return Generation(text_out, tokens, hidden, len(prompt_ids), stopped, 0.0, total_ms)
 

@@ -100,6 +100,15 @@ def test_fp32_tokens_equal_hf_and_states_within_1e4(fp32, reference):
     assert ours.text == reference.text and ours.prompt_tokens == reference.prompt_tokens
 
 
+@pytest.mark.parametrize("backend", ["hf", "fp32"])
+def test_text_streams_in_deltas_that_join_to_the_text(backend, request, reference):
+    pieces = []
+    gen = request.getfixturevalue(backend).generate(*sample_inputs(), on_text=pieces.append)
+    assert gen.token_ids == reference.token_ids, "streaming must not change the decoding"
+    assert "".join(pieces) == gen.text == reference.text
+    assert len(pieces) > TOKENS // 2, f"{len(pieces)} deltas for {TOKENS} tokens"
+
+
 def test_no_torch_model_is_loaded(fp32):
     assert not [k for k, v in vars(fp32).items() if isinstance(v, torch.nn.Module)]
 

@@ -144,7 +144,7 @@ class FakeMllm:
     def __init__(self):
         self.calls = []
 
-    def generate(self, messages, images):
+    def generate(self, messages, images, on_text=None):
         self.calls.append((messages, [i.size for i in images]))
         if messages[0]["content"] == "boom":
             raise RuntimeError("out of memory")

@@ -19,8 +19,12 @@ class ScriptedMllm:
     def __init__(self, text=SCRIPT):
         self.text, self.calls = text, []
 
-    def generate(self, messages, images):
+    def generate(self, messages, images, on_text=None):
         self.calls.append((messages, images))
+        if on_text is not None:  # the text in three pieces, as a streaming backend sends it
+            third = len(self.text) // 3
+            for piece in (self.text[:third], self.text[third : 2 * third], self.text[2 * third :]):
+                on_text(piece)
         return Generation(self.text, [1, 2, 3], np.ones((3, 8), np.float32), 100, True)
 
 
@@ -149,3 +153,12 @@ def test_cut_off_generation_still_segments():
 def test_bad_requests(request_, match):
     with pytest.raises(RequestError, match=match):
         Pipeline(FixedSeg(0.0), ScriptedMllm(), ctm).run(request_)
+
+
+def test_reasoning_text_is_streamed_and_the_fast_path_streams_nothing():
+    pieces = []
+    result = Pipeline(FixedSeg(presence=0.0), ScriptedMllm(), ctm).run(_request(), pieces.append)
+    assert result.route == "reason" and len(pieces) == 3 and "".join(pieces) == result.text
+    pieces.clear()
+    result = Pipeline(FixedSeg(presence=0.99), ScriptedMllm(), ctm).run(_request(), pieces.append)
+    assert result.route == "fast" and pieces == []
