@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +135,32 @@ def cmd_segment(args: argparse.Namespace) -> None:
         question=args.prompt,
         references=tuple(parse_ref(spec, i) for i, spec in enumerate(args.ref or [])),
     )
-    result = _pipeline(args, request).run(request)
+    pipeline = _pipeline(args, request)
+    with _text_printer(args.stream) as on_text:
+        result = pipeline.run(request, on_text)
     png, js = write_outputs(result, args.out)
     _report(result, png, js, Path(args.weights))
+
+
+@contextmanager
+def _text_printer(stream: bool) -> Iterator[Any]:
+    """With ``--stream``: the reasoning text to stderr as it is generated (stdout keeps the
+    JSON summary), a newline after it."""
+    if not stream:
+        yield None
+        return
+    printed = []
+
+    def show(delta: str) -> None:
+        printed.append(delta)
+        sys.stderr.write(delta)
+        sys.stderr.flush()
+
+    try:
+        yield show
+    finally:
+        if printed:
+            sys.stderr.write("\n")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -250,8 +275,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_client(args: argparse.Namespace) -> None:
     from conceptseg import contract
-    from conceptseg.client import Client, ServerError
+    from conceptseg.client import Client, ServerError, split_url
 
+    if args.stream and split_url(args.url, args.protocol)[0] != "grpc":
+        raise RequestError(
+            "--stream", "streaming needs gRPC: --url grpc://HOST:PORT (the server's gRPC port)"
+        )
     image = _read_bytes(args.image, "--image")
     references = []
     for i, spec in enumerate(args.ref or []):
@@ -263,8 +292,11 @@ def cmd_client(args: argparse.Namespace) -> None:
         router=not args.no_router, instance_masks=args.instance_masks, mask_format=args.mask_format
     )
     try:
-        with Client(args.url, protocol=args.protocol) as client:
-            response = client.segment(image, args.prompt, references, options)
+        with Client(args.url, protocol=args.protocol) as client, _text_printer(args.stream) as show:
+            if args.stream:
+                response = client.segment_stream(image, args.prompt, references, options, show)
+            else:
+                response = client.segment(image, args.prompt, references, options)
     except ServerError as exc:
         if exc.invalid_argument:
             raise RequestError("server", exc.message) from None
@@ -273,6 +305,7 @@ def cmd_client(args: argparse.Namespace) -> None:
     except ConnectionError as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
     png, js = _write_response(response, args.out)
     _show(response.result, png, js, None)
 
@@ -343,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference image + box (0-4 times)",
     )
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.json")
+    p.add_argument("--stream", action="store_true", help="print the reasoning text to stderr live")
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("serve", help="run the Triton server on exported engines (Ctrl-C stops)")
     p.add_argument("--engines", required=True, help="conceptseg export output (manifest.json)")
@@ -389,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-masks", action="store_true", help="also return instance masks")
     p.add_argument("--mask-format", default="png", choices=["png", "rle"])
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.json")
+    p.add_argument(
+        "--stream", action="store_true", help="gRPC: print the reasoning text to stderr live"
+    )
     p.set_defaults(func=cmd_client)
     p = sub.add_parser(
         "demo", help="the bundled sample through the Triton server (creates weights and engines)"

@@ -9,11 +9,16 @@
 
 A refused request raises :class:`ServerError` with Triton's status (``INVALID_ARG``: a bad
 request; the message names the field) and the server's message.
+
+Streaming (gRPC only; the ``conceptseg_stream`` model): ``Client.segment_stream(..., on_text=f)``
+calls ``f`` with the reasoning text in deltas while the MLLM generates, then returns the same
+:class:`~conceptseg.contract.Response` as ``segment``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,6 +84,16 @@ def _outputs(module: Any, instance_masks: bool) -> list[Any]:
 def _status(exc: Exception) -> str:
     status = getattr(exc, "status", None)
     return str(status() if callable(status) else status)
+
+
+def _stream_status(exc: Exception) -> str:
+    """A response error on a gRPC stream carries only its message (``ModelStreamInferResponse``
+    has no status): per the contract, the server's INTERNAL messages start with "internal error:"
+    and every other refusal is a bad request."""
+    status = _status(exc)
+    if status not in ("None", ""):
+        return status  # the stream itself failed (e.g. StatusCode.UNAVAILABLE)
+    return "INTERNAL" if _message(exc).startswith("internal error:") else "INVALID_ARG"
 
 
 def _message(exc: Exception) -> str:
@@ -153,6 +168,55 @@ class Client:
         """Segment ``prompt`` in ``image`` (PIL or encoded PNG/JPEG bytes), with 0-4 references."""
         options = options or contract.Options()
         return self.infer(_request(image, prompt, references, options), options.instance_masks)
+
+    def segment_stream(
+        self,
+        image: Image.Image | bytes,
+        prompt: str,
+        references: Sequence[tuple[Image.Image | bytes, Box]] = (),
+        options: contract.Options | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> contract.Response:
+        """:meth:`segment` through ``conceptseg_stream``: ``on_text`` receives the reasoning text
+        in deltas as it is generated (nothing on the fast path). gRPC only."""
+        options = options or contract.Options()
+        return self.infer_stream(
+            _request(image, prompt, references, options), options.instance_masks, on_text
+        )
+
+    def infer_stream(
+        self,
+        arrays: dict[str, np.ndarray],
+        instance_masks: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> contract.Response:
+        """Send request tensors to ``conceptseg_stream``; deltas to ``on_text``, then the response."""
+        if self.protocol != "grpc":
+            raise ValueError(
+                f"streaming needs gRPC (Triton's HTTP infer has no stream); got {self.url!r} over"
+                " http: pass grpc://HOST:PORT (the server's --grpc-port)"
+            )
+        events: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: events.put((result, error)))
+        try:
+            self.client.async_stream_infer(
+                model_name=contract.STREAM_MODEL, inputs=_inputs(self.module, arrays)
+            )
+            while True:
+                result, error = events.get(timeout=self.timeout_s)
+                if error is not None:
+                    raise ServerError(_stream_status(error), _message(error))
+                if result.as_numpy("result") is not None:  # the final response
+                    return _response(result, instance_masks)
+                if on_text is not None and result.as_numpy("text") is not None:
+                    on_text(bytes(result.as_numpy("text").ravel()[0]).decode("utf-8"))
+        except queue.Empty:
+            raise ServerError(
+                "DEADLINE_EXCEEDED",
+                f"no response from {contract.STREAM_MODEL} in {self.timeout_s} s",
+            ) from None
+        finally:
+            self.client.stop_stream(cancel_requests=True)
 
     def close(self) -> None:
         self.client.close()

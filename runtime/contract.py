@@ -63,6 +63,11 @@ OUTPUTS = {
     "result": TensorSpec("BYTES", (1,)),
     "instance_masks": TensorSpec("BYTES", (-1,)),
 }
+# ``conceptseg_stream`` (decoupled, gRPC streaming): the same inputs; zero or more interim
+# responses holding only ``text``, the reasoning text in deltas as the MLLM generates it (none on
+# the fast path), then one final response with OUTPUTS. The deltas join to ``result["text"]``.
+STREAM_MODEL = "conceptseg_stream"
+STREAM_OUTPUTS = {"text": TensorSpec("BYTES", (1,)), **OUTPUTS}
 NUMPY_DTYPES = {"BYTES": np.object_, "FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
 
 
@@ -361,6 +366,11 @@ def to_response_arrays(
         "result": np.array([[json.dumps(info).encode()]], dtype=np.object_),
         "instance_masks": np.array([masks], dtype=np.object_).reshape(1, len(masks)),
     }
+
+
+def text_delta_arrays(delta: str) -> dict[str, np.ndarray]:
+    """An interim response of ``conceptseg_stream``: one text delta, batch dim included."""
+    return {"text": np.array([[delta.encode()]], dtype=np.object_)}
 
 
 @dataclass

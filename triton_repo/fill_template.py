@@ -31,6 +31,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 PROFILES = ("cpu", "gpu")
 ENGINE_MODELS = ("sam3_vision", "sam3_text", "sam3_heads", "ctm")
+MODELS = ("conceptseg", "conceptseg_stream", "mllm", *ENGINE_MODELS)
+# the streaming orchestrator is the same Python model (it checks its config for "decoupled")
+MODEL_PY = {"conceptseg_stream": HERE / "conceptseg" / "1" / "model.py"}
 _SLOT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DTYPES = {
     "float32": "TYPE_FP32",
@@ -202,18 +205,17 @@ def model_values(
     top = read_json(engines / "manifest.json", "export with `conceptseg export`")
     config = pbtxt_string(json.dumps(opts.pipeline_config, sort_keys=True))
     backend, mllm_path = mllm_source(profile, engines, opts, top)
+    orchestrator = {
+        "max_batch_size": opts.max_batch_size,
+        "queue_delay_us": opts.queue_delay_us,
+        "instances": opts.orchestrator_instances,
+        "engines": pbtxt_string(str(engines)),
+        "profile": profile,
+        "pipeline_config": config,
+    }
     models: dict[str, tuple[Path, dict[str, Any]]] = {
-        "conceptseg": (
-            HERE / "conceptseg" / "config.pbtxt",
-            {
-                "max_batch_size": opts.max_batch_size,
-                "queue_delay_us": opts.queue_delay_us,
-                "instances": opts.orchestrator_instances,
-                "engines": pbtxt_string(str(engines)),
-                "profile": profile,
-                "pipeline_config": config,
-            },
-        ),
+        "conceptseg": (HERE / "conceptseg" / "config.pbtxt", orchestrator),
+        "conceptseg_stream": (HERE / "conceptseg_stream" / "config.pbtxt", orchestrator),
         "mllm": (
             HERE / "mllm" / "config.pbtxt",
             {
@@ -253,8 +255,9 @@ def build_repository(
             target.unlink(missing_ok=True)
             target.symlink_to(plan)  # dangling until the plan is built: validate says so
         else:
-            source = template.parent / "1" / "model.py"
-            shutil.copyfile(source, version / "model.py")
+            shutil.copyfile(
+                MODEL_PY.get(name, template.parent / "1" / "model.py"), version / "model.py"
+            )
     return out
 
 
@@ -305,8 +308,8 @@ def validate_repository(
     problems = []
     top = read_json(engines / "manifest.json", "export with `conceptseg export`")
     configs = {p.parent.name: parse_config(p) for p in sorted(repo.glob("*/config.pbtxt"))}
-    if sorted(configs) != sorted(("conceptseg", "mllm", *ENGINE_MODELS)):
-        problems.append(f"models {sorted(configs)} != conceptseg, mllm, {ENGINE_MODELS}")
+    if sorted(configs) != sorted(MODELS):
+        problems.append(f"models {sorted(configs)} != {sorted(MODELS)}")
     for name in ENGINE_MODELS:
         cfg = configs.get(name)
         if cfg is None:
@@ -334,11 +337,16 @@ def validate_repository(
                 )
         elif cfg.backend != "python":
             problems.append(f"{name}: backend {cfg.backend!r} != 'python' on cpu")
-    if "conceptseg" in configs:
-        cfg = configs["conceptseg"]
+    for name, outputs, decoupled in (
+        ("conceptseg", contract.OUTPUTS, False),
+        (contract.STREAM_MODEL, contract.STREAM_OUTPUTS, True),
+    ):
+        if name not in configs:
+            continue
+        cfg = configs[name]
         for kind, tensors, specs in (
             ("inputs", cfg.input, contract.INPUTS),
-            ("outputs", cfg.output, contract.OUTPUTS),
+            ("outputs", cfg.output, outputs),
         ):
             got = _tensor_table(tensors)
             want = {
@@ -346,11 +354,15 @@ def validate_repository(
                 for n, s in specs.items()
             }
             if got != want:
-                problems.append(f"conceptseg: config {kind} {got} != contract {want}")
+                problems.append(f"{name}: config {kind} {got} != contract {want}")
+        if cfg.model_transaction_policy.decoupled != decoupled:
+            problems.append(f"{name}: decoupled is {cfg.model_transaction_policy.decoupled}")
     if "mllm" in configs:
         hidden = _tensor_table(configs["mllm"].output).get("hidden")
         if hidden != ("TYPE_FP32", [-1, int(top["hidden_size"])]):
             problems.append(f"mllm: hidden {hidden} != (TYPE_FP32, [-1, {top['hidden_size']}])")
+        if not configs["mllm"].model_transaction_policy.decoupled:
+            problems.append("mllm: must be decoupled (the orchestrators stream from it)")
     return problems
 
 

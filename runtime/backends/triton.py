@@ -18,6 +18,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from conceptseg.backends.engines import (
 )
 from conceptseg.config import PipelineConfig
 from conceptseg.masks import logits_to_mask
+from conceptseg.textstream import OnText
 from conceptseg.types import RequestError, Result
 
 MLLM_INPUTS = ("messages", "images")
@@ -200,6 +202,34 @@ class Bls:
         self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
         return self.submit(model, inputs, outputs).result()
+
+    async def _open_stream(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> Any:
+        pb = self.pb_utils
+        request = pb.InferenceRequest(
+            model_name=model,
+            inputs=[pb.Tensor(n, np.ascontiguousarray(a)) for n, a in inputs.items()],
+            requested_output_names=list(outputs),
+        )
+        return await request.async_exec(decoupled=True)  # resolves at the first response
+
+    def stream(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The responses of a decoupled model, as they arrive, each as its tensors (the empty
+        final-flag response is skipped). Call from a worker thread: the call is opened on the
+        model's loop, and the iterator's blocking ``next`` runs here, the GIL released."""
+        assert self.loop is not None, "Bls.loop is unset: execute binds the running loop first"
+        opened = asyncio.run_coroutine_threadsafe(
+            self._open_stream(model, inputs, outputs), self.loop
+        )
+        for response in opened.result():
+            if response.has_error():
+                raise EngineError(f"{model}: {response.error().message()}")
+            tensors = response.output_tensors()
+            if tensors:
+                yield {t.name(): t.as_numpy() for t in tensors}
 
 
 @dataclass
@@ -376,15 +406,54 @@ def generation_from_arrays(out: dict[str, np.ndarray]) -> Generation:
     )
 
 
+def text_of(arrays: dict[str, np.ndarray]) -> str:
+    return bytes(np.asarray(arrays["text"]).ravel()[0]).decode("utf-8")
+
+
 class TritonMllm:
-    """:class:`MLLMBackend` calling the ``mllm`` model."""
+    """:class:`MLLMBackend` calling the (decoupled) ``mllm`` model: with ``on_text`` it asks for
+    the text deltas as interim responses; the final response holds the whole generation."""
 
     def __init__(self, bls: Bls, model: str = "mllm") -> None:
         self.bls, self.model = bls, model
 
-    def generate(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Generation:
-        out = self.bls.call(self.model, to_mllm_arrays(messages, images), MLLM_OUTPUTS)
-        return generation_from_arrays(out)
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: OnText | None = None,
+    ) -> Generation:
+        inputs = to_mllm_arrays(messages, images)
+        inputs["stream"] = np.array([on_text is not None], np.bool_)
+        final = None
+        for arrays in self.bls.stream(self.model, inputs, MLLM_OUTPUTS):
+            if "token_ids" in arrays:
+                final = arrays
+            elif on_text is not None and "text" in arrays:
+                on_text(text_of(arrays))
+        if final is None:
+            raise EngineError(f"{self.model}: the response stream ended without the generation")
+        return generation_from_arrays(final)
+
+
+def serve_mllm_request(pb_utils: Any, mllm: Any, request: Any) -> None:
+    """The decoupled ``mllm`` model's work for one request: interim ``text`` responses when the
+    request's optional ``stream`` input is true, then the generation as the final response (or
+    an error response, final too)."""
+    sender = request.get_response_sender()
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    try:
+        arrays = read_inputs(pb_utils, request, (*MLLM_INPUTS, "stream"))
+        stream = bool(np.asarray(arrays.pop("stream", [False])).ravel()[0])
+
+        def send_text(delta: str) -> None:
+            text = {"text": np.array([delta.encode()], dtype=np.object_)}
+            sender.send(to_response(pb_utils, text))
+
+        generation = mllm.generate(*from_mllm_arrays(arrays), on_text=send_text if stream else None)
+        sender.send(to_response(pb_utils, generation_to_arrays(generation)), flags=final)
+    except Exception as exc:  # noqa: BLE001 - one request fails, the model goes on
+        sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=final)
 
 
 # --- the orchestrator ---------------------------------------------------------------------------
@@ -408,13 +477,13 @@ class Orchestrator:
         self.config, self.versions = config, versions
 
     def run(
-        self, request: Any, options: contract.Options
+        self, request: Any, options: contract.Options, on_text: OnText | None = None
     ) -> tuple[Result, list[contract.Instance]]:
         from conceptseg.pipeline import Pipeline
 
         seg = RequestSeg(self.sam3, options.instance_masks)
         config = replace(self.config, router=self.config.router and options.router)
-        result = Pipeline(seg, self.mllm, self.ctm, config, self.versions).run(request)
+        result = Pipeline(seg, self.mllm, self.ctm, config, self.versions).run(request, on_text)
         if seg.pending is not None:
             # the pipeline's "sam3_image" only submits the call: report the engine call's own time
             result.timings_ms["sam3_vision"] = seg.pending.elapsed_ms
@@ -425,16 +494,21 @@ class Orchestrator:
         )
         return result, instances
 
-    async def submit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def submit(
+        self, arrays: dict[str, np.ndarray], on_text: OnText | None = None
+    ) -> dict[str, np.ndarray]:
         """:meth:`handle` in a worker thread of this orchestrator's pool."""
-        return await asyncio.wrap_future(self.pool.submit(self.handle, arrays))
+        return await asyncio.wrap_future(self.pool.submit(self.handle, arrays, on_text))
 
-    def handle(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Request tensors -> response tensors (RequestError for a bad request)."""
+    def handle(
+        self, arrays: dict[str, np.ndarray], on_text: OnText | None = None
+    ) -> dict[str, np.ndarray]:
+        """Request tensors -> response tensors (RequestError for a bad request); ``on_text``
+        receives the reasoning text in deltas while the MLLM generates."""
         start = time.perf_counter()
         request, options = contract.from_request_arrays(arrays, self.config)
         decoded = time.perf_counter()
-        result, instances = self.run(request, options)
+        result, instances = self.run(request, options, on_text)
         result.timings_ms["request_decode"] = (decoded - start) * 1e3
         result.timings_ms["total"] = (time.perf_counter() - start) * 1e3
         return contract.to_response_arrays(result, options, instances)

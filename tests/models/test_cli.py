@@ -187,6 +187,17 @@ def test_installed_entry_point_reports_errors(files):
     )
 
 
+def test_segment_stream_prints_the_reasoning_text_to_stderr(tiny_weights, files, tmp_path, capsys):
+    argv = ["segment", "--weights", str(tiny_weights), "--image", str(files / "target.png"),
+            "--prompt", "mug", "--no-router", "--max-new-tokens", "6", "--stream",
+            "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["route"] == "reason" and captured.err == result["text"] + "\n"
+    assert captured.out.startswith("{") and '"route": "reason"' in captured.out  # the summary
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

@@ -55,3 +55,17 @@ def test_gpu_repository_agrees_with_the_exported_manifests(tiny_engines, tmp_pat
 def test_cpu_repository_agrees_with_the_exported_manifests(tiny_engines, tmp_path):
     repo = ft.build_repository("cpu", tiny_engines, tmp_path / "cpu")
     assert ft.validate_repository(repo, tiny_engines, "cpu") == []
+
+
+def test_streaming_models_must_be_decoupled(tiny_engines, tmp_path):
+    repo = ft.build_repository("cpu", tiny_engines, tmp_path / "cpu")
+    same = (repo / "conceptseg_stream" / "1" / "model.py").read_bytes()
+    assert same == (repo / "conceptseg" / "1" / "model.py").read_bytes(), "one orchestrator file"
+    for name in ("conceptseg_stream", "mllm"):
+        config = repo / name / "config.pbtxt"
+        config.write_text(
+            config.read_text().replace("model_transaction_policy { decoupled: true }", "")
+        )
+    problems = ft.validate_repository(repo, tiny_engines, "cpu")
+    assert "conceptseg_stream: decoupled is False" in problems
+    assert "mllm: must be decoupled (the orchestrators stream from it)" in problems

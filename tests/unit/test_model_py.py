@@ -1,6 +1,7 @@
 """Every triton_repo model.py, run without Triton: a MagicMock ``triton_python_backend_utils``
-with small tensor/response dataclasses. One response per request; a bad request is INVALID_ARG,
-a failing one INTERNAL, and the rest of the batch still succeeds.
+with small tensor/response dataclasses. One response per request (decoupled models: interim
+responses, then exactly one final one); a bad request is INVALID_ARG, a failing one INTERNAL,
+and the rest of the batch still succeeds.
 
 Run: .venv/bin/pytest tests/unit/test_model_py.py -q
 """
@@ -58,9 +59,25 @@ class MockResponse:
         return next(t.array for t in self.output_tensors if t.name() == name)
 
 
+FINAL = 1
+
+
+@dataclass
+class MockSender:
+    sent: list = field(default_factory=list)  # (response, flags)
+
+    def send(self, response=None, flags=0):
+        assert not any(f == FINAL for _, f in self.sent), "nothing may follow the final response"
+        self.sent.append((response, flags))
+
+
 @dataclass
 class MockRequest:
     tensors: dict
+    sender: MockSender = field(default_factory=MockSender)
+
+    def get_response_sender(self):
+        return self.sender
 
     def input(self, name):
         array = self.tensors.get(name)
@@ -77,6 +94,10 @@ def pb_utils(monkeypatch):
     pb.get_output_tensor_by_name = lambda response, name: MockTritonTensor(
         name, response.output(name)
     )
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    pb.using_decoupled_model_transaction_policy = lambda config: bool(
+        config.get("model_transaction_policy", {}).get("decoupled")
+    )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     return pb
 
@@ -88,10 +109,20 @@ def load(model):
     return module.TritonPythonModel()
 
 
-def args(name, **params):
+def args(name, decoupled=False, **params):
     parameters = {k: {"string_value": v} for k, v in params.items()}
     config = {"name": name, "max_batch_size": 4, "parameters": parameters}
+    if decoupled:
+        config["model_transaction_policy"] = {"decoupled": True}
     return {"model_config": json.dumps(config)}
+
+
+def streamed(request):
+    """(interim text deltas, the final response) a decoupled model sent for ``request``."""
+    sent = request.sender.sent
+    assert [f for _, f in sent] == [0] * (len(sent) - 1) + [FINAL], "one final response, last"
+    texts = [bytes(r.output("text").ravel()[0]).decode() for r, _ in sent[:-1]]
+    return texts, sent[-1][0]
 
 
 def errors(responses):
@@ -148,6 +179,9 @@ class FakeMllm:
         self.calls.append((messages, [i.size for i in images]))
         if messages[0]["content"] == "boom":
             raise RuntimeError("out of memory")
+        if on_text is not None:
+            for piece in ("<answer>", "mug", "</answer>"):
+                on_text(piece)
         return Generation(
             "<answer>mug</answer>", [1, 2], np.ones((2, 4), np.float32), 10, True, 1.5, 2.5
         )
@@ -160,29 +194,62 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     monkeypatch.setattr(glue, "build_mllm", lambda params, config: fake)
     model = load("mllm")
     params = dict(mllm_backend="hf", mllm_path="/w", prefix_cache="4", pipeline_config="{}")
-    model.initialize(args("mllm", **params))
+    model.initialize(args("mllm", decoupled=True, **params))
     good = glue.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    stream = dict(good, stream=np.array([True]))
     bad = glue.to_mllm_arrays([{"role": "user", "content": "boom"}], [])
-    responses = model.execute([MockRequest(good), MockRequest(bad)])
-    assert len(responses) == 2 and responses[0].error is None
-    generation = glue.generation_from_arrays({n: responses[0].output(n) for n in glue.MLLM_OUTPUTS})
+    requests = [MockRequest(good), MockRequest(stream), MockRequest(bad)]
+    assert model.execute(requests) is None, "decoupled: responses go through the senders"
+    texts, final = streamed(requests[0])
+    assert texts == [] and final.error is None
+    generation = glue.generation_from_arrays({n: final.output(n) for n in glue.MLLM_OUTPUTS})
     assert generation.text == "<answer>mug</answer>" and generation.token_ids == [1, 2]
     assert generation.hidden.shape == (2, 4) and generation.stopped and generation.decode_ms == 2.5
     assert fake.calls[0] == ([{"role": "user", "content": "hi"}], [(6, 4)])
-    assert responses[1].error.code == MockTritonError.INTERNAL
+    texts, final = streamed(requests[1])
+    assert "".join(texts) == generation.text and final.output("token_ids").tolist() == [1, 2]
+    texts, final = streamed(requests[2])
+    assert texts == [] and final.error.code == MockTritonError.INTERNAL
+
+
+class FakeBls:
+    def __init__(self, responses):
+        self.responses, self.inputs = responses, None
+
+    def stream(self, model, inputs, outputs):
+        self.inputs = inputs
+        yield from self.responses
+
+
+def test_triton_mllm_reads_deltas_then_the_generation():
+    gen = Generation("ab", [1, 2], np.ones((2, 4), np.float32), 10, True, 1.0, 2.0)
+    final = glue.generation_to_arrays(gen)
+    text = [{"text": np.array([d.encode()], dtype=object)} for d in ("a", "b")]
+    bls, pieces = FakeBls([*text, final]), []
+    out = glue.TritonMllm(bls).generate([{"role": "user", "content": "x"}], [], pieces.append)
+    assert pieces == ["a", "b"] and out.text == "ab" and out.token_ids == [1, 2]
+    assert bls.inputs["stream"].tolist() == [True]
+    quiet = FakeBls([final])
+    glue.TritonMllm(quiet).generate([{"role": "user", "content": "x"}], [])
+    assert quiet.inputs["stream"].tolist() == [False]
+    with pytest.raises(glue.EngineError, match="ended without the generation"):
+        glue.TritonMllm(FakeBls(text)).generate([{"role": "user", "content": "x"}], [])
 
 
 class FakeOrchestrator:
     def __init__(self, engines, bls, config, versions, workers):
         self.bls, self.pool = bls, MagicMock()
 
-    async def submit(self, arrays):
-        return self.handle(arrays)
+    async def submit(self, arrays, on_text=None):
+        return self.handle(arrays, on_text)
 
-    def handle(self, arrays):
+    def handle(self, arrays, on_text=None):
         prompt = arrays["prompt"][0, 0]
         if prompt == b"bad":
             raise RequestError("prompt", "empty; give the concept")
+        if on_text is not None:
+            on_text("thinking about ")
+            on_text(prompt.decode())
         if prompt == b"boom":
             raise glue.EngineError("ctm: model 'ctm' is not ready")
         assert self.bls.loop is not None, "execute binds the running loop before the pipeline runs"
@@ -210,6 +277,24 @@ def test_orchestrator_one_response_per_request(pb_utils, monkeypatch):
     pb_utils.Logger.log_error.assert_called_once()
     model.finalize()
     model.orchestrator.pool.shutdown.assert_called_once()
+
+
+def test_streaming_orchestrator_sends_deltas_then_one_final_response(pb_utils, monkeypatch):
+    monkeypatch.setattr(glue, "Orchestrator", FakeOrchestrator)
+    monkeypatch.setattr(glue, "serving_versions", lambda engines, params: {})
+    model = load("conceptseg")  # the same model.py serves conceptseg_stream
+    params = dict(engines="/e", profile="cpu", pipeline_config="{}")
+    model.initialize(args("conceptseg_stream", decoupled=True, **params))
+    requests = [
+        MockRequest({"prompt": np.array([[p]], dtype=object)}) for p in (b"bad", b"boom", b"mug")
+    ]
+    assert asyncio.run(model.execute(requests)) is None
+    texts, final = streamed(requests[0])
+    assert texts == [] and final.error.code == MockTritonError.INVALID_ARG
+    texts, final = streamed(requests[1])  # failed after streaming: the error is the final response
+    assert texts == ["thinking about ", "boom"] and final.error.code == MockTritonError.INTERNAL
+    texts, final = streamed(requests[2])
+    assert texts == ["thinking about ", "mug"] and final.output("result")[0, 0] == b"mug"
 
 
 def test_group_by_shape_and_run_batched():

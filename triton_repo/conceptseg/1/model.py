@@ -1,8 +1,11 @@
 """The orchestrator: ``conceptseg.pipeline`` over the engine models, through BLS.
 
-Each request of a batch runs in a worker thread of the orchestrator's pool (the pipeline is
-synchronous); the BLS calls it makes are ``async_exec`` on this model's event loop. Bad requests come back as
-INVALID_ARG naming the field, anything else as INTERNAL for that request only.
+Serves two models from one file: ``conceptseg`` (one response per request) and, when its config
+is decoupled, ``conceptseg_stream`` (interim ``text`` responses with the reasoning text as it is
+generated, then the final response). Each request of a batch runs in a worker thread of the
+orchestrator's pool (the pipeline is synchronous); its BLS calls are ``async_exec`` on this
+model's event loop. Bad requests come back as INVALID_ARG naming the field, anything else as
+INTERNAL for that request only.
 """
 
 import asyncio
@@ -19,17 +22,22 @@ class TritonPythonModel:
     def initialize(self, args):
         params = glue.model_params(args, ("engines", "profile", "pipeline_config"))
         engines = Path(params["engines"])
+        config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.bls = glue.Bls(pb_utils, loop=None)  # bound to the running loop in execute
         self.orchestrator = glue.Orchestrator(
             engines,
             self.bls,
             glue.pipeline_config(params),
             glue.serving_versions(engines, params),
-            workers=max(1, json.loads(args["model_config"])["max_batch_size"]),
+            workers=max(1, config["max_batch_size"]),
         )
 
     async def execute(self, requests):
         self.bls.loop = asyncio.get_running_loop()
+        if self.decoupled:
+            await asyncio.gather(*(self._stream(request) for request in requests))
+            return None
         responses = await asyncio.gather(*(self._respond(request) for request in requests))
         assert len(responses) == len(requests)
         return list(responses)
@@ -41,6 +49,20 @@ class TritonPythonModel:
             return glue.to_response(pb_utils, out)
         except Exception as exc:  # noqa: BLE001 - one request fails, the batch goes on
             return glue.error_response(pb_utils, exc, pb_utils.Logger)
+
+    async def _stream(self, request):
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+        def send_text(delta):
+            sender.send(glue.to_response(pb_utils, contract.text_delta_arrays(delta)))
+
+        try:
+            arrays = glue.read_inputs(pb_utils, request, list(contract.INPUTS))
+            out = await self.orchestrator.submit(arrays, send_text)
+            sender.send(glue.to_response(pb_utils, out), flags=final)
+        except Exception as exc:  # noqa: BLE001 - one request fails, the batch goes on
+            sender.send(glue.error_response(pb_utils, exc, pb_utils.Logger), flags=final)
 
     def finalize(self):
         self.orchestrator.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,6 @@
-"""MLLM model: chat messages JSON + encoded images -> greedy text, token ids, completion states.
+"""MLLM model (decoupled): chat messages JSON + encoded images -> greedy text, token ids,
+completion states. With the optional ``stream`` input true, interim responses carry the text in
+deltas while it is generated; the final response always carries the whole generation.
 
 The backend (parameter ``mllm_backend``) comes from ``conceptseg.backends.triton.build_mllm``:
 ``hf`` (transformers) or ``ort-genai`` on cpu, ``trtllm`` (TensorRT-LLM LLM API) on gpu.
@@ -16,13 +18,6 @@ class TritonPythonModel:
         self.mllm = glue.build_mllm(params, glue.pipeline_config(params))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                arrays = glue.read_inputs(pb_utils, request, glue.MLLM_INPUTS)
-                generation = self.mllm.generate(*glue.from_mllm_arrays(arrays))
-                responses.append(glue.to_response(pb_utils, glue.generation_to_arrays(generation)))
-            except Exception as exc:  # noqa: BLE001 - one request fails, the batch goes on
-                responses.append(glue.error_response(pb_utils, exc, pb_utils.Logger))
-        assert len(responses) == len(requests)
-        return responses
+        for request in requests:  # one at a time: the backend holds one model and its caches
+            glue.serve_mllm_request(pb_utils, self.mllm, request)
+        return None  # decoupled: every response went through the request's sender

@@ -1,0 +1,114 @@
+"""Streaming through the real server (``conceptseg_stream``, gRPC): the reasoning text arrives in
+deltas before the final response, the deltas join to the result's text, the final response
+equals the one-shot ``conceptseg`` answer, and bad input is refused by name without harm.
+
+Run: .venv/bin/pytest tests/server/test_streaming.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conceptseg import contract
+from conceptseg.cli import main as cli_main
+from conceptseg.client import Client, ServerError
+from conceptseg.samples import sample_request
+
+FAST = "mug"
+
+
+@pytest.fixture(scope="module")
+def grpc(triton):
+    with Client(triton.cfg.urls["grpc"], protocol="grpc") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return sample_request()
+
+
+def refs(request):
+    return [(r.image, r.box) for r in request.references]
+
+
+def test_reasoning_text_streams_then_the_same_answer_as_one_shot(grpc, sample):
+    arrivals = []
+    streamed = grpc.segment_stream(
+        sample.image, sample.question, refs(sample), on_text=lambda d: arrivals.append(d)
+    )
+    one_shot = grpc.segment(sample.image, sample.question, refs(sample))
+    assert streamed.result["route"] == "reason" and streamed.result["tokens"] == 8
+    assert arrivals, "a reasoning request streams its text"
+    assert "".join(arrivals) == streamed.result["text"] == one_shot.result["text"]
+    assert (streamed.mask == one_shot.mask).all()
+    for key in ("answer", "think", "bbox", "check", "tokens"):
+        assert streamed.result[key] == one_shot.result[key], key
+
+
+def test_deltas_arrive_before_the_final_response(grpc, sample):
+    stamps = []
+    grpc.segment_stream(
+        sample.image, sample.question, refs(sample), on_text=lambda d: stamps.append(time.time())
+    )
+    done = time.time()
+    assert stamps and stamps[0] < done, "the first delta came before the answer"
+
+
+def test_fast_path_streams_no_text(grpc, sample):
+    arrivals = []
+    out = grpc.segment_stream(sample.image, FAST, on_text=arrivals.append)
+    assert out.result["route"] == "fast" and arrivals == [] and out.result["text"] == ""
+
+
+def test_bad_input_is_refused_by_name_and_streaming_goes_on(grpc, sample):
+    arrays = contract.to_request_arrays(sample.image, FAST, [])
+    arrays["prompt"] = np.array([[b" "]], dtype=np.object_)
+    with pytest.raises(ServerError) as info:
+        grpc.infer_stream(arrays)
+    assert info.value.invalid_argument and "prompt: empty" in info.value.message
+    arrivals = []
+    assert grpc.segment_stream(sample.image, sample.question, refs(sample), on_text=arrivals.append)
+    assert arrivals
+
+
+def test_engine_failure_after_streaming_ends_the_stream_with_internal(grpc, sample):
+    grpc.client.unload_model("ctm")  # the CTM runs after the text was generated and streamed
+    arrivals = []
+    try:
+        with pytest.raises(ServerError) as info:
+            grpc.segment_stream(
+                sample.image, sample.question, refs(sample), on_text=arrivals.append
+            )
+    finally:
+        grpc.client.load_model("ctm")
+    assert info.value.status == "INTERNAL" and not info.value.invalid_argument
+    assert "ctm" in info.value.message and arrivals, "the text came before the failure"
+    assert (
+        grpc.segment_stream(sample.image, sample.question, refs(sample)).result["route"] == "reason"
+    )
+
+
+def test_http_cannot_stream(triton, sample):
+    with Client(triton.cfg.urls["http"], protocol="http") as http:
+        with pytest.raises(ValueError, match="streaming needs gRPC"):
+            http.segment_stream(sample.image, FAST)
+
+
+def test_cli_client_stream_prints_the_text_to_stderr(triton, tmp_path, capsys):
+    request = sample_request()
+    request.image.save(tmp_path / "target.png")
+    argv = ["client", "--url", f"grpc://{triton.cfg.urls['grpc']}", "--image",
+            str(tmp_path / "target.png"), "--prompt", request.question, "--no-router", "--stream",
+            "--out", str(tmp_path / "served")]  # fmt: skip
+    assert cli_main(argv) == 0
+    streamed = capsys.readouterr().err.removesuffix("\n")
+    result = json.loads((tmp_path / "served.json").read_text())
+    assert result["route"] == "reason" and streamed and streamed == result["text"]
+    argv[argv.index("--url") + 1] = triton.cfg.urls["http"]
+    assert cli_main(argv) == 2
+    assert "error: --stream: streaming needs gRPC" in capsys.readouterr().err
