@@ -180,33 +180,62 @@ def _bench_vision(
     for name, graph in vision.items():
         contenders[name] = lambda g=graph: list(g.run(image=pixels.numpy()).values())
     result = side_by_side(contenders, args.repeats, args.warmup, runner)
+    del vision
     base = result["outputs"]["torch_eager_fp32"]
+    masks = _masks_from_fpn(args, ref, engines, result["outputs"])
     for name, times in result["times"].items():
+        out = result["outputs"][name]
         rows[f"vision/{name}"] = summary(times) | {
-            "max_abs_vs_torch": max_abs(result["outputs"][name], base)
+            "max_abs_vs_torch": max_abs(out, base),
+            "relative_l2_vs_torch": max(
+                float(np.linalg.norm(o - b) / np.linalg.norm(b))
+                for o, b in zip(out, base, strict=True)
+            ),
+            "mask_iou_vs_torch": masks[name],
         }
-
     return rows
+
+
+def _heads_feeds(ref: Any) -> dict[str, np.ndarray]:
+    """The heads graph's prompt inputs for a 40-slot prompt (8 concept + 32 text slots)."""
+    from conceptseg.backends.engines import build_prompt
+
+    feats, mask = ref.text_features("the mug with a handle")
+    concept = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32) * 0.1
+    prompt, prompt_mask = build_prompt(feats[0].numpy(), mask[0].numpy(), concept, 8)
+    return {"prompt": prompt[None], "prompt_mask": prompt_mask[None],
+            "boxes": np.zeros((1, 1, 4), np.float32), "box_labels": np.full((1, 1), -10, np.int64)}  # fmt: skip
+
+
+def _masks_from_fpn(
+    args: argparse.Namespace, ref: Any, engines: Path, fpns: dict[str, list[np.ndarray]]
+) -> dict[str, float]:
+    """Mask IoU vs torch when each contender's features go through the same heads graph: what a
+    difference in the features does to the answer."""
+    from conceptseg.backends.ort import OrtGraph
+    from conceptseg.masks import iou
+
+    heads, feeds = OrtGraph(engines, "sam3_heads", args.threads), _heads_feeds(ref)
+    logits = {name: heads.run(fpn0=f[0], fpn1=f[1], fpn2=f[2], **feeds)["semantic_logits"][0, 0]
+              for name, f in fpns.items()}  # fmt: skip
+    base = logits["torch_eager_fp32"] > 0
+    return {name: iou(v > 0, base) for name, v in logits.items()}
 
 
 def _bench_heads(args: argparse.Namespace, ref: Any, engines: Path, runner: Callable) -> dict:
     """Heads on a 40-slot prompt (8 concept + 32 text), as in a reasoning request."""
     import torch
 
-    from conceptseg.backends.engines import build_prompt
     from conceptseg.backends.ort import OrtGraph
     from conceptseg.masks import iou
     from conceptseg.samples import sample_target
 
     rows: dict[str, Any] = {}
-    feats, mask = ref.text_features("the mug with a handle")
-    concept = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32) * 0.1
-    prompt, prompt_mask = build_prompt(feats[0].numpy(), mask[0].numpy(), concept, 8)
     image = ref.encode_image(sample_target())
     heads = OrtGraph(engines, "sam3_heads", args.threads)
     fpn = [f.numpy() for f in image.vision.fpn_hidden_states[:3]]
-    feeds = {"fpn0": fpn[0], "fpn1": fpn[1], "fpn2": fpn[2], "prompt": prompt[None], "prompt_mask": prompt_mask[None],
-             "boxes": np.zeros((1, 1, 4), np.float32), "box_labels": np.full((1, 1), -10, np.int64)}  # fmt: skip
+    feeds = {"fpn0": fpn[0], "fpn1": fpn[1], "fpn2": fpn[2], **_heads_feeds(ref)}
+    prompt, prompt_mask = feeds["prompt"][0], feeds["prompt_mask"][0]
 
     def torch_heads() -> np.ndarray:
         out = ref.heads(image, torch.from_numpy(prompt[None]), torch.from_numpy(prompt_mask[None]))
