@@ -10,7 +10,11 @@ PYTRITON := nvidia-pytriton==0.5.13
 # the backend stub's pybind11 predates numpy 2: it gets numpy 1.26 layered over .venv (serve.py)
 STUB_NUMPY := numpy==1.26.4
 
-.PHONY: install test test-slow lint demo synth clean
+# perf_analyzer (in tritonclient's wheel) needs libb64 and libcudart.so.12 even without a GPU
+CUDART := nvidia-cuda-runtime-cu12==12.9.79
+PERF_STAMP := $(VENV)/.perf-tools
+
+.PHONY: install test test-slow lint demo synth clean perf-tools bench-serve
 
 install: $(STAMP)
 
@@ -38,6 +42,23 @@ synth: install
 # start the Triton server (cpu profile), send the bundled sample, print the result, stop
 demo: install
 	$(VENV)/bin/conceptseg demo --weights $(WEIGHTS) --engines $(ENGINES)
+
+perf-tools: install $(PERF_STAMP)
+
+$(PERF_STAMP):
+	test -e /usr/lib/x86_64-linux-gnu/libb64.so.0d || apt-get install -y -q libb64-0d \
+		|| sudo apt-get install -y -q libb64-0d
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/perf-libs '$(CUDART)'
+	touch $@
+
+# the server under perf_analyzer (benchmarks/README.md); tiny engines are made when missing
+bench-serve: perf-tools
+	@if [ ! -f $(ENGINES)/manifest.json ]; then \
+		[ "$(ENGINES)" = engines/tiny ] || { echo "$(ENGINES): no manifest.json; run conceptseg export"; exit 2; }; \
+		[ -d $(WEIGHTS)/mllm ] || $(VENV)/bin/conceptseg synth --out $(WEIGHTS) --size tiny; \
+		$(VENV)/bin/conceptseg export --weights $(WEIGHTS) --out $(ENGINES); \
+	fi
+	$(PY) benchmarks/bench.py serve --engines $(ENGINES)
 
 clean:
 	rm -rf $(VENV) weights out engines/tiny

@@ -10,6 +10,10 @@ Targets:
 - ``mllm``: the MLLM's prefill and decode tokens/s, transformers bf16 vs the ort-genai export
   (int4 by default), with bytes moved per token and the machine's read bandwidth
   (``mllm_bench.py``).
+- ``serve``: the Triton server under perf_analyzer, fast and reasoning requests over a
+  concurrency range, next to the in-process latency (``serve_bench.py``).
+- ``attention``: one global ViT attention block three ways under ONNX Runtime
+  (``attention_bench.py``).
 - ``quantize``: writes ``sam3_vision.int8.onnx`` (dynamic int8 MatMul weights) beside the graph.
 
 Prints a table; the last stdout line is one JSON object with machine, versions and config.
@@ -27,8 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mllm_bench  # beside this file
+import attention_bench  # beside this file
+import mllm_bench
 import numpy as np
+import serve_bench
 
 
 def machine() -> dict[str, Any]:
@@ -310,7 +316,7 @@ def print_table(rows: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=["sam3", "mllm", "quantize"])
+    parser.add_argument("target", choices=["sam3", "mllm", "serve", "attention", "quantize"])
     parser.add_argument("--weights", default="weights/real-3b")
     parser.add_argument("--engines", default="engines/real-3b")
     parser.add_argument("--repeats", type=int, default=5)
@@ -322,10 +328,21 @@ def main() -> None:
     )
     parser.add_argument("--runner", default="identity", choices=sorted(RUNNERS))
     mllm_bench.add_args(parser)
+    serve_bench.add_args(parser)
+    attention_bench.add_args(parser)
     args = parser.parse_args()
     if args.target == "sam3":
         rows = bench_sam3(args)
         print_table(rows)
+    elif args.target == "attention":
+        rows = attention_bench.bench_attention(args, side_by_side, summary, RUNNERS[args.runner])
+        for key, row in rows.items():
+            print(
+                f"{key:40} median {row['median_ms']:9.1f} ms  max|d| {row['max_abs_vs_decomposed']:.1e}"
+            )
+    elif args.target == "serve":
+        rows = serve_bench.bench_serve(args)
+        serve_bench.print_serve_table(rows)
     elif args.target == "mllm":
         rows = mllm_bench.bench_mllm(args, side_by_side, summary, RUNNERS[args.runner])
         mllm_bench.print_mllm_table(rows)

@@ -37,7 +37,11 @@ from conceptseg_export.graphs import (
 
 TEXT_CONTEXT = 32
 CTM_BUCKETS = (128, 256, 512, 768)
-PARTS = (*GRAPHS, "mllm")  # mllm: Qwen2.5-VL vision + embedding graphs and the ort-genai decoder
+DEFAULT_PARTS = (*GRAPHS, "mllm")  # mllm: Qwen2.5-VL vision + embedding graphs, ort-genai decoder
+# opt-in: sam3_vision with dynamic int8 MatMul weights, for ONNX Runtime on CPUs (2.15x torch
+# at 1008 px on 2 cores, benchmarks/README.md); TensorRT quantizes on its own (--fp8)
+INT8_VISION = "sam3_vision_int8"
+PARTS = (*DEFAULT_PARTS, INT8_VISION)
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in <graph>.onnx.data
 
 
@@ -48,7 +52,11 @@ class ExportConfig:
     weights: Path = field(metadata={"help": "directory with mllm/ and sam3/ checkpoints"})
     out: Path = field(metadata={"help": "output directory, e.g. engines/tiny"})
     parts: str = field(
-        default="all", metadata={"help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm,mllm"}
+        default="all",
+        metadata={
+            "help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm,mllm (= all) and the "
+            "opt-in sam3_vision_int8 (ONNX Runtime CPU)"
+        },
     )
     mllm_precisions: str = field(
         default="fp32,int4",
@@ -65,11 +73,9 @@ class ExportConfig:
     opset: int = field(default=18, metadata={"help": "ONNX opset"})
 
     def part_list(self) -> list[str]:
-        parts = (
-            list(PARTS)
-            if self.parts == "all"
-            else [p.strip() for p in self.parts.split(",") if p.strip()]
-        )
+        parts = [p.strip() for p in self.parts.split(",") if p.strip()]
+        if "all" in parts:
+            parts = list(DEFAULT_PARTS) + [p for p in parts if p not in (*DEFAULT_PARTS, "all")]
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             from conceptseg.types import RequestError
@@ -374,6 +380,66 @@ def _ctm_spec(mllm_dir: Path) -> GraphSpec:
     return GraphSpec("ctm", CtmGraph(ctm).eval(), inputs, dynamic, _sha256_tensors(state))
 
 
+def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
+    """``sam3_vision.int8.onnx`` from ``sam3_vision.onnx`` in ``out``: dynamic int8 quantization of
+    the MatMul weights (per tensor, activations quantized at run time), for ONNX Runtime's CPU
+    int8 kernels. Its manifest keeps the fp32 graph's inputs and outputs (the contract is the
+    same) and records the difference to the fp32 graph on a seeded random image."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = out / "sam3_vision.onnx", out / "sam3_vision.int8.onnx"
+    if not src.exists() or not (out / "sam3_vision.json").exists():
+        from conceptseg.types import RequestError
+
+        raise RequestError(
+            "--parts",
+            f"{INT8_VISION} quantizes {src}: export sam3_vision into the same --out first",
+        )
+    for stale in out.glob("sam3_vision.int8.onnx*"):
+        stale.unlink()
+    start = time.perf_counter()
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     use_external_data_format=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    fp32 = json.loads((out / "sam3_vision.json").read_text())
+    side = int(fp32["inputs"][0]["shape"][-1])
+    image = np.random.default_rng(seed).standard_normal((1, 3, side, side)).astype(np.float32)
+    outputs = {}
+    for path in (src, dst):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[path] = session.run([t["name"] for t in fp32["outputs"]], {"image": image})
+        del session
+    parity = {}
+    for spec, ref, ours in zip(fp32["outputs"], outputs[src], outputs[dst], strict=True):
+        delta = ours.astype(np.float64) - ref
+        parity[spec["name"]] = {
+            "max_abs": float(np.abs(delta).max()),
+            "relative_l2": float(np.linalg.norm(delta) / max(np.linalg.norm(ref), 1e-30)),
+        }
+    record = {
+        "graph": "sam3_vision.int8",
+        "file": dst.name,
+        "external_data": f"{dst.name}.data" if (out / f"{dst.name}.data").exists() else None,
+        "opset": fp32["opset"],
+        "inputs": fp32["inputs"],
+        "outputs": fp32["outputs"],
+        "source_sha256": fp32["source_sha256"],
+        "quantization": {
+            "method": "onnxruntime.quantization.quantize_dynamic",
+            "weights": "int8",
+            "op_types": ["MatMul"],
+            "per_channel": False,
+            "runs_on": "ONNX Runtime (CPU); not a TensorRT input",
+        },  # fmt: skip
+        "parity_vs_fp32_graph": parity,
+        "export_seconds": round(seconds, 2),
+        "versions": _versions(),
+    }
+    (out / "sam3_vision.int8.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def main(cfg: ExportConfig) -> Path:
     """Export the requested graphs of ``cfg.weights`` into ``cfg.out``; returns ``cfg.out``."""
     from conceptseg.checkpoints import check_weights, is_synthetic, load_ctm
@@ -402,6 +468,17 @@ def main(cfg: ExportConfig) -> Path:
             f"[{i}/{len(specs)}] {spec.name}: {graph['export_seconds']} s, max |onnxruntime - torch| = {worst:.2e}"
         )
         manifest["graphs"][spec.name] = f"{spec.name}.json"
+    if INT8_VISION in parts:
+        print(
+            f"[{INT8_VISION}] quantizing sam3_vision.onnx (dynamic int8 MatMul weights) ...",
+            flush=True,
+        )
+        record = quantize_vision_int8(out)
+        worst = max(v["relative_l2"] for v in record["parity_vs_fp32_graph"].values())
+        print(
+            f"[{INT8_VISION}] {record['export_seconds']} s, relative L2 vs the fp32 graph <= {worst:.2e}"
+        )
+        manifest["graphs"]["sam3_vision.int8"] = "sam3_vision.int8.json"
     if "mllm" in parts:
         from conceptseg_export.mllm_export import export_mllm
 

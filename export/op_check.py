@@ -83,8 +83,10 @@ def unsupported_ops(onnx_path: str | Path, table: Path = SUPPORTED_OPS_FILE) -> 
 
 
 def check_dir(directory: str | Path) -> tuple[dict[str, dict[str, int]], dict[str, list[str]]]:
-    """For every ``*.onnx`` in ``directory``: its unsupported ops, and its restricted ops used."""
-    paths = sorted(Path(directory).glob("*.onnx"))
+    """For every ``*.onnx`` in ``directory``: its unsupported ops, and its restricted ops used.
+    ``*.int8.onnx`` graphs (dynamic int8 for ONNX Runtime on CPUs) are not TensorRT inputs and
+    are left out."""
+    paths = sorted(p for p in Path(directory).glob("*.onnx") if not p.name.endswith(".int8.onnx"))
     if not paths:
         raise FileNotFoundError(f"{directory}: no *.onnx files; give the engines/NAME directory")
     restrictions = supported_ops()["restrictions"]

@@ -105,6 +105,7 @@ def _pipeline(args: argparse.Namespace, request: Request) -> Any:
         config=config,
         plans=Path(args.plans) if args.plans else None,
         mllm_precision=args.mllm_precision,
+        sam3_precision=args.sam3_precision,
     )
 
 
@@ -264,6 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = _serve_config(args, Path(args.engines), args.http_port, args.grpc_port, args.metrics_port)
     cfg.model_control = args.model_control
     cfg.mllm_backend, cfg.mllm_precision = args.mllm_backend, args.mllm_precision
+    cfg.sam3_precision = args.sam3_precision
     cfg.mllm_path = Path(args.mllm_path) if args.mllm_path else None
     if args.tritonserver:
         cfg.tritonserver = Path(args.tritonserver)
@@ -339,6 +341,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None =
     p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf, ort-genai or trtllm")
     p.add_argument("--mllm-precision", default="fp32", help="ort-genai: ENGINES/mllm/<precision>")
     p.add_argument(
+        "--sam3-precision", default="fp32", help="onnxruntime: fp32, or int8 (the image encoder)"
+    )
+    p.add_argument(
         "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
     )
     p.add_argument(
@@ -389,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model-control", default="none", choices=["none", "explicit"])
+    p.add_argument(
+        "--sam3-precision",
+        default="fp32",
+        choices=["fp32", "int8"],
+        help="cpu: int8 serves the image encoder with int8 weights (export --parts sam3_vision_int8)",
+    )
     p.add_argument(
         "--mllm-backend",
         default="",

@@ -147,6 +147,7 @@ class ServeConfig:
     engine_threads: int = 0
     mllm_backend: str = ""  # hf | ort-genai (cpu) | trtllm (gpu); default: hf on cpu, trtllm on gpu
     mllm_precision: str = "fp32"  # ort-genai
+    sam3_precision: str = "fp32"  # cpu: "int8" serves sam3_vision.int8.onnx as sam3_vision
     mllm_path: Path | None = None  # default: from the engines directory (fill_template)
     # another Triton build (gpu: with the tensorrt backend), used as it is: both or neither
     tritonserver: Path | None = None
@@ -230,6 +231,7 @@ class Server:
             mllm_backend=cfg.mllm_backend,
             mllm_precision=cfg.mllm_precision,
             mllm_path=cfg.mllm_path,
+            sam3_precision=cfg.sam3_precision,
         )
         try:
             repo = build_repository(cfg.profile, engines, self.workdir / "repo", opts, plans)

@@ -83,6 +83,7 @@ class RepoOptions:
     mllm_path: Path | None = None  # default: manifest "mllm" (hf), ENGINES/mllm/<precision>
     # (ort-genai), the one ENGINES/trtllm-* checkpoint (trtllm)
     prefix_cache: int = 4  # hf: KV of the last N reference mosaics reused
+    sam3_precision: str = "fp32"  # cpu: "int8" -> the sam3_vision model runs sam3_vision.int8.onnx
 
 
 # --- engine models: I/O from the manifests ------------------------------------------------------
@@ -152,12 +153,37 @@ def engine_values(
         "warmup": _warmup_block(manifest, graph, sizes),
     }
     if profile == "cpu":
-        return values | {"engines": pbtxt_string(str(engines)), "threads": opts.engine_threads}
+        graph_file = graph
+        if graph == "sam3_vision" and opts.sam3_precision != "fp32":
+            graph_file = _int8_vision(engines, opts.sam3_precision, manifest)
+        return values | {
+            "engines": pbtxt_string(str(engines)),
+            "threads": opts.engine_threads,
+            "graph": graph_file,
+        }
+    if opts.sam3_precision != "fp32":
+        raise TemplateError(
+            f"sam3 precision {opts.sam3_precision!r} is for the cpu profile; TensorRT plans take "
+            "theirs from `conceptseg build-engines --precision/--fp8`"
+        )
     plan = read_json(
         (plans or engines) / f"{graph}.plan.json", "build it with `conceptseg build-engines`"
     )
     index, max_batch = _throughput(plan, graph)
     return values | {"max_batch_size": min(opts.max_batch_size, max_batch), "profile_index": index}
+
+
+def _int8_vision(engines: Path, precision: str, fp32: dict[str, Any]) -> str:
+    """The int8 image encoder's file stem, checked: exported, and the same tensors as fp32."""
+    if precision != "int8":
+        raise TemplateError(f"sam3 precision {precision!r}: choose fp32 or int8")
+    int8 = read_json(
+        engines / "sam3_vision.int8.json",
+        "make it with `conceptseg export --parts sam3_vision_int8` (same --out)",
+    )
+    if (int8["inputs"], int8["outputs"]) != (fp32["inputs"], fp32["outputs"]):
+        raise TemplateError("sam3_vision.int8.json: inputs/outputs differ from sam3_vision.json")
+    return "sam3_vision.int8"
 
 
 # --- the repository -----------------------------------------------------------------------------
@@ -337,6 +363,11 @@ def validate_repository(
                 )
         elif cfg.backend != "python":
             problems.append(f"{name}: backend {cfg.backend!r} != 'python' on cpu")
+        else:
+            graph = cfg.parameters["graph"].string_value
+            allowed = (name, "sam3_vision.int8") if name == "sam3_vision" else (name,)
+            if graph not in allowed or not (engines / f"{graph}.onnx").exists():
+                problems.append(f"{name}: graph {graph!r} is not one of {allowed} in {engines}")
     for name, outputs, decoupled in (
         ("conceptseg", contract.OUTPUTS, False),
         (contract.STREAM_MODEL, contract.STREAM_OUTPUTS, True),

@@ -75,6 +75,7 @@ def build_pipeline(
     plans: Path | None = None,
     mllm_precision: str = "fp32",
     prefix_cache: int = 4,
+    sam3_precision: str = "fp32",
 ) -> Any:
     """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``.
 
@@ -84,6 +85,7 @@ def build_pipeline(
     prefill of the last ``prefix_cache`` reference mosaics), ``ort-genai`` (the decoder exported
     into ``engines/mllm/<mllm_precision>``, fp32 or int4) or ``trtllm`` (GPU machines; a
     checkpoint written by ``export/trtllm_quantize.py``: ``plans`` or ``engines/trtllm-*``).
+    ``sam3_precision`` int8 (onnxruntime only): the image encoder with int8 weights.
     """
     from conceptseg.backends.ctm import TorchCtm
     from conceptseg.backends.torch_sam3 import TorchSam3
@@ -94,6 +96,12 @@ def build_pipeline(
         raise RequestError("--backend", f"{backend!r} is not one of {SEG_BACKENDS}")
     if mllm_backend not in MLLM_BACKENDS:
         raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
+    if sam3_precision != "fp32" and backend != "onnxruntime":
+        raise RequestError(
+            "--sam3-precision",
+            f"{sam3_precision} is an ONNX Runtime graph (--backend onnxruntime); TensorRT plans "
+            "take their precision from `conceptseg build-engines`",
+        )
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
     if (backend in ("onnxruntime", "tensorrt") or mllm_backend != "hf") and engines is None:
@@ -105,7 +113,7 @@ def build_pipeline(
     if backend == "onnxruntime":
         from conceptseg.backends.ort import ort_ctm, ort_sam3
 
-        seg: Any = ort_sam3(engines, threads)
+        seg: Any = ort_sam3(engines, threads, sam3_precision)
         ctm: Any = ort_ctm(engines, threads)
     elif backend == "tensorrt":
         from conceptseg.backends.trt import trt_ctm, trt_sam3
@@ -128,5 +136,6 @@ def build_pipeline(
         mllm_path = mllm_dir
     mllm = build_mllm(mllm_backend, mllm_path, config, threads=threads, prefix_cache=prefix_cache)
     info = versions(weights, backend=backend, mllm_backend=mllm_backend, engines=str(engines or ""),
-                    mllm_precision=mllm_precision if mllm_backend == "ort-genai" else "")  # fmt: skip
+                    mllm_precision=mllm_precision if mllm_backend == "ort-genai" else "",
+                    sam3_precision=sam3_precision)  # fmt: skip
     return Pipeline(seg, mllm, ctm, config, info)

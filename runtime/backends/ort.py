@@ -51,10 +51,29 @@ class OrtGraph:
         return dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
 
 
-def ort_sam3(engines: Path, threads: int | None = None) -> EngineSam3:
-    """SAM 3 on the ONNX graphs in ``engines``."""
-    names = ("sam3_vision", "sam3_text", "sam3_heads")
-    return EngineSam3(engines, {n: OrtGraph(engines, n, threads) for n in names})
+SAM3_PRECISIONS = ("fp32", "int8")  # int8: the vision encoder only (sam3_vision.int8.onnx)
+
+
+def vision_graph(precision: str) -> str:
+    """The file stem of the image encoder for ``precision``."""
+    if precision not in SAM3_PRECISIONS:
+        raise RequestError("--sam3-precision", f"{precision!r} is not one of {SAM3_PRECISIONS}")
+    return "sam3_vision" if precision == "fp32" else "sam3_vision.int8"
+
+
+def ort_sam3(engines: Path, threads: int | None = None, precision: str = "fp32") -> EngineSam3:
+    """SAM 3 on the ONNX graphs in ``engines``; ``precision`` int8 runs the image encoder with
+    int8 weights (``conceptseg export --parts sam3_vision_int8``), text and heads stay fp32."""
+    vision = vision_graph(precision)
+    if not (Path(engines) / f"{vision}.onnx").exists() and precision == "int8":
+        raise RequestError(
+            "--sam3-precision",
+            f"{engines}/{vision}.onnx is missing; make it with "
+            f"`conceptseg export --weights DIR --out {engines} --parts sam3_vision_int8`",
+        )
+    graphs = {"sam3_vision": OrtGraph(engines, vision, threads)}
+    graphs |= {n: OrtGraph(engines, n, threads) for n in ("sam3_text", "sam3_heads")}
+    return EngineSam3(engines, graphs)
 
 
 def ort_ctm(engines: Path, threads: int | None = None) -> EngineCtm:

@@ -114,3 +114,10 @@ def test_supported_ops_table_names_its_source():
     legacy = {"ImageScaler", "ParametricSoftplus", "ScaledTanh"}  # pre-opset-9 experimental ops
     known = {s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain == ""}
     assert supported - known <= legacy, f"typo in the table? {sorted(supported - known - legacy)}"
+
+
+def test_int8_graphs_for_onnx_runtime_are_left_out(tmp_path):
+    _save(_supported_model(), tmp_path / "sam3_vision.onnx")
+    _save(_unsupported_model(), tmp_path / "sam3_vision.int8.onnx")  # MatMulInteger & co.
+    results, _ = op_check.check_dir(tmp_path)
+    assert list(results) == ["sam3_vision.onnx"] and op_check.main([str(tmp_path)]) == 0
