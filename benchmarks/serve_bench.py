@@ -175,9 +175,8 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_serve_table(results: dict[str, Any]) -> None:
-    print(
-        f"{'route':8} {'conc':>5} {'req/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'in-process ms':>14}"
-    )
+    print(f"{'route':8} {'conc':>5} {'req/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+          f"{'queue ms':>9} {'compute ms':>11} {'in-process ms':>14}")  # fmt: skip
     for route, rows in results["routes"].items():
         base = results["in_process_median_ms"][route]
         for row in rows:
