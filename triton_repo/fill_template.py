@@ -366,8 +366,10 @@ def validate_repository(
         else:
             graph = cfg.parameters["graph"].string_value
             allowed = (name, "sam3_vision.int8") if name == "sam3_vision" else (name,)
-            if graph not in allowed or not (engines / f"{graph}.onnx").exists():
-                problems.append(f"{name}: graph {graph!r} is not one of {allowed} in {engines}")
+            if graph not in allowed:
+                problems.append(f"{name}: graph {graph!r} is not one of {allowed}")
+            elif not (engines / f"{graph}.onnx").exists():
+                problems.append(f"{name}: {engines / (graph + '.onnx')} is missing")
     for name, outputs, decoupled in (
         ("conceptseg", contract.OUTPUTS, False),
         (contract.STREAM_MODEL, contract.STREAM_OUTPUTS, True),

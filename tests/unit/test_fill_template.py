@@ -97,6 +97,7 @@ def engines(tmp_path):
         (d / f"{name}.json").write_text(
             json.dumps({"graph": name, "inputs": inputs, "outputs": outputs})
         )
+        (d / f"{name}.onnx").write_bytes(b"")  # the cpu engine models' files (validate looks)
     return d
 
 
@@ -221,3 +222,12 @@ def test_command_line(engines, tmp_path, capsys):
         ft.main(["--profile", "cpu", "--engines", str(engines), "--out", str(tmp_path / "r")]) == 0
     )
     assert "wrote cpu repository" in capsys.readouterr().out
+
+
+def test_validation_catches_a_missing_graph_file(engines, tmp_path):
+    repo = ft.build_repository("cpu", engines, tmp_path / "r")
+    (engines / "sam3_heads.onnx").unlink()
+    problems = ft.validate_repository(repo, engines, "cpu")
+    assert problems == [
+        f"sam3_heads: graph 'sam3_heads' is not one of ('sam3_heads',) in {engines}"
+    ]
