@@ -120,7 +120,9 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM (Triton's clean shutdown) when this process dies, so a
-    killed ``serve`` or test run never leaves a server behind (Linux ``prctl``)."""
+    killed ``serve`` or test run never leaves a server behind (Linux ``prctl``); SIGINT back to
+    its default (``stop`` sends it; an ignored SIGINT would be inherited through exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 

@@ -81,7 +81,10 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tiny_weights, tiny_engines, tr
     command = [sys.executable, "-m", "conceptseg.cli", "serve", "--engines", str(tiny_engines)]
     command += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
     command += ["--mllm-backend", "ort-genai", "--preset", "test", "--max-new-tokens", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C as in a terminal: a runner started in the background by a shell without job control
+    # passes SIGINT down ignored, and Python keeps an ignored SIGINT ignored
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         lines = []
         deadline = time.monotonic() + 240
