@@ -339,7 +339,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None =
     )
     p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
     p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf, ort-genai or trtllm")
-    p.add_argument("--mllm-precision", default="fp32", help="ort-genai: ENGINES/mllm/<precision>")
+    p.add_argument(
+        "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
+    )
     p.add_argument(
         "--sam3-precision", default="fp32", help="onnxruntime: fp32, or int8 (the image encoder)"
     )
@@ -406,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["", "hf", "ort-genai", "trtllm"],
         help="default: hf on cpu, trtllm on gpu",
     )
-    p.add_argument("--mllm-precision", default="fp32", help="ort-genai: ENGINES/mllm/<precision>")
+    p.add_argument(
+        "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
+    )
     p.add_argument("--mllm-path", default=None, help="MLLM directory (default: from ENGINES)")
     p.add_argument(
         "--tritonserver",

@@ -79,7 +79,7 @@ class RepoOptions:
     engine_threads: int = 0  # ONNX Runtime intra-op threads per cpu engine model (0: all cores)
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # PipelineConfig fields
     mllm_backend: str = ""  # "hf" | "ort-genai" | "trtllm"; default: hf on cpu, trtllm on gpu
-    mllm_precision: str = "fp32"  # ort-genai: ENGINES/mllm/<precision>
+    mllm_precision: str = "fp32"  # hf: fp32 | bf16; ort-genai: ENGINES/mllm/<precision>
     mllm_path: Path | None = None  # default: manifest "mllm" (hf), ENGINES/mllm/<precision>
     # (ort-genai), the one ENGINES/trtllm-* checkpoint (trtllm)
     prefix_cache: int = 4  # hf: KV of the last N reference mosaics reused
@@ -195,9 +195,15 @@ def mllm_source(
     profile: str, engines: Path, opts: RepoOptions, top: dict[str, Any]
 ) -> tuple[str, Path]:
     """(backend, directory) the ``mllm`` model loads, checked to exist."""
+    from conceptseg.backends import MLLM_PRECISIONS
+
     backend = opts.mllm_backend or ("hf" if profile == "cpu" else "trtllm")
     if backend not in MLLM_BACKENDS:
         raise TemplateError(f"mllm backend {backend!r}: choose one of {MLLM_BACKENDS}")
+    if opts.mllm_precision not in MLLM_PRECISIONS[backend]:
+        raise TemplateError(
+            f"mllm precision {opts.mllm_precision!r}: {backend} takes {MLLM_PRECISIONS[backend]}"
+        )
     if opts.mllm_path is not None:
         path = Path(opts.mllm_path).resolve()
     elif backend == "hf":
@@ -249,6 +255,7 @@ def model_values(
                 "instance_kind": "KIND_CPU" if profile == "cpu" else "KIND_MODEL",
                 "mllm_backend": backend,
                 "mllm_path": pbtxt_string(str(mllm_path)),
+                "mllm_precision": opts.mllm_precision,
                 "prefix_cache": opts.prefix_cache,
                 "pipeline_config": config,
             },

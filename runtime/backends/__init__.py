@@ -15,6 +15,17 @@ from conceptseg.types import RequestError
 
 SEG_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
+# --mllm-precision per backend: hf loads the checkpoint in that dtype; ort-genai picks the
+# exported ENGINES/mllm/<precision>; trtllm's precision is its quantized checkpoint's
+MLLM_PRECISIONS = {"hf": ("fp32", "bf16"), "ort-genai": ("fp32", "int4"), "trtllm": ("fp32",)}
+
+
+def check_mllm_precision(kind: str, precision: str) -> None:
+    allowed = MLLM_PRECISIONS.get(kind, ())
+    if precision not in allowed:
+        raise RequestError(
+            "--mllm-precision", f"{precision!r} is not one of {allowed} for --mllm-backend {kind}"
+        )
 
 
 def versions(weights: Path, **backends: str) -> dict[str, Any]:
@@ -42,17 +53,23 @@ def build_mllm(
     *,
     threads: int | None = None,
     prefix_cache: int = 4,
+    precision: str = "fp32",
 ) -> Any:
     """The MLLM backend ``kind`` on the directory it loads (also used by the Triton ``mllm`` model).
 
-    ``hf``: a ConceptSeg-R1 checkpoint; ``ort-genai``: an exported ``ENGINES/mllm/<precision>``;
-    ``trtllm``: a checkpoint written by ``export/trtllm_quantize.py``.
+    ``hf``: a ConceptSeg-R1 checkpoint, in fp32 (exact) or bf16 (``precision``); ``ort-genai``:
+    an exported ``ENGINES/mllm/<precision>``; ``trtllm``: a checkpoint written by
+    ``export/trtllm_quantize.py``.
     """
     limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
     if kind == "hf":
+        import torch
+
         from conceptseg.backends.hf_mllm import HfMllm
 
-        return HfMllm(path, prefix_cache=prefix_cache, **limits)
+        check_mllm_precision(kind, precision)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return HfMllm(path, prefix_cache=prefix_cache, dtype=dtype, **limits)
     if kind == "ort-genai":
         from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
 
@@ -96,6 +113,7 @@ def build_pipeline(
         raise RequestError("--backend", f"{backend!r} is not one of {SEG_BACKENDS}")
     if mllm_backend not in MLLM_BACKENDS:
         raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
+    check_mllm_precision(mllm_backend, mllm_precision)
     if sam3_precision != "fp32" and backend != "onnxruntime":
         raise RequestError(
             "--sam3-precision",
@@ -122,10 +140,6 @@ def build_pipeline(
     else:
         seg, ctm = TorchSam3(sam3_dir), TorchCtm(load_ctm(mllm_dir))
     if mllm_backend == "ort-genai":
-        from conceptseg.backends.ortgenai_mllm import PRECISIONS
-
-        if mllm_precision not in PRECISIONS:
-            raise RequestError("--mllm-precision", f"{mllm_precision!r} is not one of {PRECISIONS}")
         mllm_path = Path(engines) / "mllm" / mllm_precision
     elif mllm_backend == "trtllm":
         from conceptseg.backends.trt import find_one
@@ -134,8 +148,9 @@ def build_pipeline(
         mllm_path = plans or find_one(engines, "trtllm-*", "--plans", hint)
     else:
         mllm_path = mllm_dir
-    mllm = build_mllm(mllm_backend, mllm_path, config, threads=threads, prefix_cache=prefix_cache)
+    mllm = build_mllm(mllm_backend, mllm_path, config, threads=threads, prefix_cache=prefix_cache,
+                      precision=mllm_precision)  # fmt: skip
     info = versions(weights, backend=backend, mllm_backend=mllm_backend, engines=str(engines or ""),
-                    mllm_precision=mllm_precision if mllm_backend == "ort-genai" else "",
+                    mllm_precision=mllm_precision,
                     sam3_precision=sam3_precision)  # fmt: skip
     return Pipeline(seg, mllm, ctm, config, info)

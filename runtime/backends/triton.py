@@ -132,9 +132,8 @@ def build_mllm(params: dict[str, str], config: PipelineConfig) -> Any:
     from conceptseg.backends import build_mllm as build
 
     prefix_cache = int(params.get("prefix_cache", 4))
-    return build(
-        params["mllm_backend"], Path(params["mllm_path"]), config, prefix_cache=prefix_cache
-    )
+    return build(params["mllm_backend"], Path(params["mllm_path"]), config,
+                 prefix_cache=prefix_cache, precision=params.get("mllm_precision", "fp32"))  # fmt: skip
 
 
 def group_by_shape(feeds: list[dict[str, np.ndarray]]) -> list[list[int]]:

@@ -104,3 +104,26 @@ def test_repetition_penalty_rule():
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
     assert apply_repetition_penalty(logits, torch.tensor([[0]]), 1.0) is logits
+
+
+def test_bf16_precision_loads_bf16_and_reasons(tiny_weights):
+    from conceptseg.backends import build_pipeline
+    from conceptseg.config import from_name
+
+    config = from_name("test", max_new_tokens=4, router=False)
+    pipeline = build_pipeline(tiny_weights, mllm_precision="bf16", config=config)
+    assert pipeline.mllm.model.dtype == torch.bfloat16
+    result = pipeline.run(sample_request())
+    assert result.route == "reason" and result.tokens == 4
+    assert pipeline.versions["mllm_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("backend, precision", [("hf", "int4"), ("ort-genai", "bf16")])
+def test_precision_the_backend_does_not_have_is_refused(tiny_weights, tmp_path, backend, precision):
+    from conceptseg.backends import build_pipeline
+    from conceptseg.types import RequestError
+
+    with pytest.raises(RequestError, match=f"--mllm-precision: '{precision}' is not one of"):
+        build_pipeline(
+            tiny_weights, mllm_backend=backend, mllm_precision=precision, engines=tmp_path
+        )

@@ -229,3 +229,13 @@ def test_validation_catches_a_missing_graph_file(engines, tmp_path):
     (engines / "sam3_heads.onnx").unlink()
     problems = ft.validate_repository(repo, engines, "cpu")
     assert problems == [f"sam3_heads: {engines / 'sam3_heads.onnx'} is missing"]
+
+
+def test_mllm_precision_reaches_the_mllm_model_and_is_checked(engines, tmp_path):
+    repo = ft.build_repository(
+        "cpu", engines, tmp_path / "r", ft.RepoOptions(mllm_precision="bf16")
+    )
+    mllm = ft.parse_config(repo / "mllm" / "config.pbtxt")
+    assert mllm.parameters["mllm_precision"].string_value == "bf16"
+    with pytest.raises(ft.TemplateError, match="mllm precision 'int4': hf takes"):
+        ft.model_values("cpu", engines, ft.RepoOptions(mllm_precision="int4"))
