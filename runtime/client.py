@@ -11,8 +11,9 @@ A refused request raises :class:`ServerError` with Triton's status (``INVALID_AR
 request; the message names the field) and the server's message.
 
 Streaming (gRPC only; the ``conceptseg_stream`` model): ``Client.segment_stream(..., on_text=f)``
-calls ``f`` with the reasoning text in deltas while the MLLM generates, then returns the same
-:class:`~conceptseg.contract.Response` as ``segment``.
+(and ``await AsyncClient.segment_stream(...)``) calls ``f`` with the reasoning text in deltas
+while the MLLM generates, then returns the same :class:`~conceptseg.contract.Response` as
+``segment``.
 """
 
 from __future__ import annotations
@@ -126,6 +127,29 @@ def _response(result: Any, instance_masks: bool) -> contract.Response:
     return contract.from_response_arrays({n: result.as_numpy(n) for n in names})
 
 
+def _check_streaming(client: Any) -> None:
+    if client.protocol != "grpc":
+        raise ValueError(
+            f"streaming needs gRPC (Triton's HTTP infer has no stream); got {client.url!r} over"
+            " http: pass grpc://HOST:PORT (the server's --grpc-port)"
+        )
+
+
+def _stream_event(
+    result: Any, error: Any, instance_masks: bool, on_text: Callable[[str], None] | None
+) -> contract.Response | None:
+    """One message of a ``conceptseg_stream`` stream: the final response, or None after passing
+    an interim text delta to ``on_text``; an error raises :class:`ServerError`."""
+    if error is not None:
+        raise ServerError(_stream_status(error), _message(error))
+    if result.as_numpy("result") is not None:
+        return _response(result, instance_masks)
+    text = result.as_numpy("text")
+    if on_text is not None and text is not None:
+        on_text(bytes(text.ravel()[0]).decode("utf-8"))
+    return None
+
+
 class Client:
     """Blocking client; one connection, reusable for many requests."""
 
@@ -191,11 +215,7 @@ class Client:
         on_text: Callable[[str], None] | None = None,
     ) -> contract.Response:
         """Send request tensors to ``conceptseg_stream``; deltas to ``on_text``, then the response."""
-        if self.protocol != "grpc":
-            raise ValueError(
-                f"streaming needs gRPC (Triton's HTTP infer has no stream); got {self.url!r} over"
-                " http: pass grpc://HOST:PORT (the server's --grpc-port)"
-            )
+        _check_streaming(self)
         events: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
@@ -204,12 +224,9 @@ class Client:
             )
             while True:
                 result, error = events.get(timeout=self.timeout_s)
-                if error is not None:
-                    raise ServerError(_stream_status(error), _message(error))
-                if result.as_numpy("result") is not None:  # the final response
-                    return _response(result, instance_masks)
-                if on_text is not None and result.as_numpy("text") is not None:
-                    on_text(bytes(result.as_numpy("text").ravel()[0]).decode("utf-8"))
+                response = _stream_event(result, error, instance_masks, on_text)
+                if response is not None:
+                    return response
         except queue.Empty:
             raise ServerError(
                 "DEADLINE_EXCEEDED",
@@ -259,6 +276,40 @@ class AsyncClient:
         options = options or contract.Options()
         return await self.infer(
             _request(image, prompt, references, options), options.instance_masks
+        )
+
+    async def segment_stream(
+        self,
+        image: Image.Image | bytes,
+        prompt: str,
+        references: Sequence[tuple[Image.Image | bytes, Box]] = (),
+        options: contract.Options | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> contract.Response:
+        """:meth:`Client.segment_stream` for asyncio (gRPC only)."""
+        options = options or contract.Options()
+        return await self.infer_stream(
+            _request(image, prompt, references, options), options.instance_masks, on_text
+        )
+
+    async def infer_stream(
+        self,
+        arrays: dict[str, np.ndarray],
+        instance_masks: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> contract.Response:
+        _check_streaming(self)
+
+        async def one_request() -> Any:
+            yield {"model_name": contract.STREAM_MODEL, "inputs": _inputs(self.module, arrays)}
+
+        stream = self.client.stream_infer(one_request(), stream_timeout=self.timeout_s)
+        async for result, error in stream:
+            response = _stream_event(result, error, instance_masks, on_text)
+            if response is not None:
+                return response
+        raise ServerError(
+            "UNAVAILABLE", f"{contract.STREAM_MODEL}: the stream ended without a response"
         )
 
     async def close(self) -> None:

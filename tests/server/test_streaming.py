@@ -7,6 +7,7 @@ Run: .venv/bin/pytest tests/server/test_streaming.py -q
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -15,7 +16,7 @@ import pytest
 
 from conceptseg import contract
 from conceptseg.cli import main as cli_main
-from conceptseg.client import Client, ServerError
+from conceptseg.client import AsyncClient, Client, ServerError
 from conceptseg.samples import sample_request
 
 FAST = "mug"
@@ -93,10 +94,44 @@ def test_engine_failure_after_streaming_ends_the_stream_with_internal(grpc, samp
     )
 
 
+def test_asyncio_client_streams_and_reports_bad_input(triton, grpc, sample):
+    one_shot = grpc.segment(sample.image, sample.question, refs(sample))
+    bad = contract.to_request_arrays(sample.image, FAST, [])
+    bad["prompt"] = np.array([[b" "]], dtype=np.object_)
+
+    async def run():
+        client = AsyncClient(triton.cfg.urls["grpc"], protocol="grpc")
+        pieces = []
+        try:
+            out = await client.segment_stream(
+                sample.image, sample.question, refs(sample), on_text=pieces.append
+            )
+            with pytest.raises(ServerError) as info:
+                await client.infer_stream(bad)
+            return out, pieces, info.value
+        finally:
+            await client.close()
+
+    out, pieces, error = asyncio.run(run())
+    assert pieces and "".join(pieces) == out.result["text"] == one_shot.result["text"]
+    assert (out.mask == one_shot.mask).all()
+    assert error.invalid_argument and "prompt: empty" in error.message
+
+
 def test_http_cannot_stream(triton, sample):
     with Client(triton.cfg.urls["http"], protocol="http") as http:
         with pytest.raises(ValueError, match="streaming needs gRPC"):
             http.segment_stream(sample.image, FAST)
+
+    async def run():
+        client = AsyncClient(triton.cfg.urls["http"], protocol="http")
+        try:
+            await client.segment_stream(sample.image, FAST)
+        finally:
+            await client.close()
+
+    with pytest.raises(ValueError, match="streaming needs gRPC"):
+        asyncio.run(run())
 
 
 def test_cli_client_stream_prints_the_text_to_stderr(triton, tmp_path, capsys):
