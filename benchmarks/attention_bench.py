@@ -52,7 +52,7 @@ def graphs(heads: int, tokens: int, dim: int) -> dict[str, Any]:
 def bench_attention(args: argparse.Namespace, side_by_side: Any, summary: Any, runner: Any) -> dict:
     import onnxruntime as ort
 
-    heads, tokens, dim = 16, args.tokens, 64
+    heads, tokens, dim = 16, args.tokens or 5184, 64
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, heads, tokens, dim)).astype(np.float32) for _ in range(3))
     flat = {
@@ -83,4 +83,6 @@ def bench_attention(args: argparse.Namespace, side_by_side: Any, summary: Any, r
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=5184, help="attention: sequence length")
+    parser.add_argument(
+        "--tokens", type=int, default=0, help="attention: 5184, gemm: 1144 (the 3B prompt) if 0"
+    )

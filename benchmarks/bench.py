@@ -14,6 +14,8 @@ Targets:
   concurrency range, next to the in-process latency (``serve_bench.py``).
 - ``attention``: one global ViT attention block three ways under ONNX Runtime
   (``attention_bench.py``).
+- ``gemm``: one prefill-shaped decoder GEMM in ONNX Runtime (fp32, int4) and torch (fp32, bf16)
+  (``gemm_bench.py``).
 - ``quantize``: writes ``sam3_vision.int8.onnx`` (dynamic int8 MatMul weights) beside the graph.
 
 Prints a table; the last stdout line is one JSON object with machine, versions and config.
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import attention_bench  # beside this file
+import gemm_bench
 import mllm_bench
 import numpy as np
 import serve_bench
@@ -316,7 +319,9 @@ def print_table(rows: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=["sam3", "mllm", "serve", "attention", "quantize"])
+    parser.add_argument(
+        "target", choices=["sam3", "mllm", "serve", "attention", "gemm", "quantize"]
+    )
     parser.add_argument("--weights", default="weights/real-3b")
     parser.add_argument("--engines", default="engines/real-3b")
     parser.add_argument("--repeats", type=int, default=5)
@@ -340,6 +345,11 @@ def main() -> None:
             print(
                 f"{key:40} median {row['median_ms']:9.1f} ms  max|d| {row['max_abs_vs_decomposed']:.1e}"
             )
+    elif args.target == "gemm":
+        rows = gemm_bench.bench_gemm(args, side_by_side, summary, RUNNERS[args.runner])
+        for key, row in rows.items():
+            print(f"{key:24} median {row['median_ms']:8.1f} ms  {row['gflops']:7.0f} GFLOP/s  "
+                  f"rel. L2 vs fp32 {row['relative_l2_vs_fp32']:.1e}")  # fmt: skip
     elif args.target == "serve":
         rows = serve_bench.bench_serve(args)
         serve_bench.print_serve_table(rows)
