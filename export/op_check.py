@@ -82,11 +82,18 @@ def unsupported_ops(onnx_path: str | Path, table: Path = SUPPORTED_OPS_FILE) -> 
     return _unsupported(op_counts(_load(onnx_path)), table)
 
 
+ORT_ONLY_SUFFIX = ".int8.onnx"  # dynamic-int8 graphs for ONNX Runtime's CPU kernels
+
+
+def tensorrt_graphs(directory: str | Path) -> list[Path]:
+    """The ``*.onnx`` of an engines directory that TensorRT builds from: all but the
+    ``*.int8.onnx`` ones (``--parts sam3_vision_int8``: ONNX Runtime only, not TensorRT inputs)."""
+    return sorted(p for p in Path(directory).glob("*.onnx") if not p.name.endswith(ORT_ONLY_SUFFIX))
+
+
 def check_dir(directory: str | Path) -> tuple[dict[str, dict[str, int]], dict[str, list[str]]]:
-    """For every ``*.onnx`` in ``directory``: its unsupported ops, and its restricted ops used.
-    ``*.int8.onnx`` graphs (dynamic int8 for ONNX Runtime on CPUs) are not TensorRT inputs and
-    are left out."""
-    paths = sorted(p for p in Path(directory).glob("*.onnx") if not p.name.endswith(".int8.onnx"))
+    """For every graph of :func:`tensorrt_graphs`: its unsupported ops, and its restricted ops used."""
+    paths = tensorrt_graphs(directory)
     if not paths:
         raise FileNotFoundError(f"{directory}: no *.onnx files; give the engines/NAME directory")
     restrictions = supported_ops()["restrictions"]

@@ -46,6 +46,7 @@ from typing import Any
 
 from conceptseg.types import RequestError
 from conceptseg_export import cli_args
+from conceptseg_export.op_check import tensorrt_graphs
 from conceptseg_export.trt_runtime import (
     TENSORRT_PIN,
     TensorRTUnavailable,
@@ -247,7 +248,7 @@ def _graph_paths(cfg: BuildConfig) -> list[Path]:
         raise BuildError(
             "--onnx", f"{cfg.onnx} is not a directory; give engines/NAME from `conceptseg export`"
         )
-    paths = sorted(cfg.onnx.glob("*.onnx"))
+    paths = tensorrt_graphs(cfg.onnx)  # not the ONNX Runtime-only *.int8.onnx
     if cfg.graphs:
         unknown = sorted(set(cfg.graphs) - {p.stem for p in paths})
         if unknown:

@@ -246,3 +246,11 @@ def test_bad_inputs_fail_before_tensorrt(tmp_path):
     (directory / "ctm.json").unlink()
     with pytest.raises(BuildError, match="no manifest"):
         trt_build.main(BuildConfig(onnx=directory))
+
+
+def test_onnx_runtime_only_int8_graphs_are_not_built(tmp_path):
+    directory = _exported_dir(tmp_path)
+    (directory / "sam3_vision.int8.onnx").write_bytes((directory / "ctm.onnx").read_bytes())
+    assert [p.name for p in trt_build._graph_paths(BuildConfig(onnx=directory))] == ["ctm.onnx"]
+    with pytest.raises(BuildError, match="--graphs"):  # nor can they be asked for by name
+        trt_build._graph_paths(BuildConfig(onnx=directory, graphs=("sam3_vision.int8",)))
