@@ -458,6 +458,16 @@ def main(cfg: ExportConfig) -> Path:
         specs.append(_ctm_spec(mllm_dir))
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"graphs": {}}
+    if "sam3_vision" in parts and INT8_VISION not in parts:
+        # quantized from the graph about to be replaced: drop it rather than leave it stale
+        stale = sorted(out.glob("sam3_vision.int8.*"))
+        for path in stale:
+            path.unlink()
+        listed = manifest["graphs"].pop("sam3_vision.int8", None)
+        if stale or listed:
+            print(
+                f"removed the int8 image encoder (re-make it with --parts sam3_vision,{INT8_VISION})"
+            )
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.name}: exporting ...", flush=True)
         graph = export_graph(spec, out, cfg.opset)

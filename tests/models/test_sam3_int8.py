@@ -110,3 +110,15 @@ def test_served_repository_runs_the_int8_graph(engines, tmp_path):
     gpu = ft.RepoOptions(sam3_precision="int8", mllm_path=checkpoint)
     with pytest.raises(ft.TemplateError, match="for the cpu profile; TensorRT plans"):
         ft.model_values("gpu", engines, gpu, plans=tmp_path)
+
+
+def test_re_exporting_the_fp32_encoder_drops_the_stale_int8_one(tiny_weights, engines, tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    for path in engines.glob("sam3_vision*"):
+        shutil.copy2(path, out / path.name)
+    shutil.copy2(engines / "manifest.json", out / "manifest.json")
+    argv = ["export", "--weights", str(tiny_weights), "--out", str(out), "--parts", "sam3_vision"]
+    assert main(argv) == 0
+    assert not list(out.glob("sam3_vision.int8*")), "quantized from the replaced graph"
+    assert "sam3_vision.int8" not in json.loads((out / "manifest.json").read_text())["graphs"]
