@@ -452,7 +452,18 @@ def serve_mllm_request(pb_utils: Any, mllm: Any, request: Any) -> None:
         generation = mllm.generate(*from_mllm_arrays(arrays), on_text=send_text if stream else None)
         sender.send(to_response(pb_utils, generation_to_arrays(generation)), flags=final)
     except Exception as exc:  # noqa: BLE001 - one request fails, the model goes on
-        sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=final)
+        send_final_error(pb_utils, sender, exc)
+
+
+def send_final_error(pb_utils: Any, sender: Any, exc: BaseException) -> None:
+    """The error as a decoupled request's final response; if even that cannot be sent (the
+    request was cancelled, or its final response already went), the log says so and the model
+    goes on."""
+    try:
+        sender.send(error_response(pb_utils, exc, pb_utils.Logger),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # fmt: skip
+    except Exception as lost:  # noqa: BLE001
+        pb_utils.Logger.log_error(f"could not answer a request ({exc!r}): {lost!r}")
 
 
 # --- the orchestrator ---------------------------------------------------------------------------

@@ -212,6 +212,29 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     assert texts == [] and final.error.code == MockTritonError.INTERNAL
 
 
+class GoneSender(MockSender):
+    """A request whose client went away: every send fails."""
+
+    def send(self, response=None, flags=0):
+        raise RuntimeError("Unable to send response: the request was cancelled")
+
+
+def test_mllm_model_survives_a_request_it_cannot_answer(pb_utils, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(glue, "build_mllm", lambda params, config: FakeMllm())
+    model = load("mllm")
+    params = dict(mllm_backend="hf", mllm_path="/w", prefix_cache="4", pipeline_config="{}")
+    model.initialize(args("mllm", decoupled=True, **params))
+    good = glue.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    gone = MockRequest(dict(good, stream=np.array([True])), sender=GoneSender())
+    after = MockRequest(good)
+    assert model.execute([gone, after]) is None
+    pb_utils.Logger.log_error.assert_called()  # the lost request is logged
+    texts, final = streamed(after)
+    assert final.error is None and final.output("token_ids").tolist() == [1, 2]
+
+
 class FakeBls:
     def __init__(self, responses):
         self.responses, self.inputs = responses, None

@@ -62,7 +62,7 @@ class TritonPythonModel:
             out = await self.orchestrator.submit(arrays, send_text)
             sender.send(glue.to_response(pb_utils, out), flags=final)
         except Exception as exc:  # noqa: BLE001 - one request fails, the batch goes on
-            sender.send(glue.error_response(pb_utils, exc, pb_utils.Logger), flags=final)
+            glue.send_final_error(pb_utils, sender, exc)
 
     def finalize(self):
         self.orchestrator.pool.shutdown(wait=False, cancel_futures=True)
