@@ -388,7 +388,10 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src, dst = out / "sam3_vision.onnx", out / "sam3_vision.int8.onnx"
+    from conceptseg.backends.ort import vision_graph
+
+    stem = vision_graph("int8")  # the file name the ONNX Runtime backend and Triton load
+    src, dst = out / "sam3_vision.onnx", out / f"{stem}.onnx"
     if not src.exists() or not (out / "sam3_vision.json").exists():
         from conceptseg.types import RequestError
 
@@ -396,7 +399,7 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
             "--parts",
             f"{INT8_VISION} quantizes {src}: export sam3_vision into the same --out first",
         )
-    for stale in out.glob("sam3_vision.int8.onnx*"):
+    for stale in out.glob(f"{stem}.onnx*"):
         stale.unlink()
     start = time.perf_counter()
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
@@ -418,7 +421,7 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
             "relative_l2": float(np.linalg.norm(delta) / max(np.linalg.norm(ref), 1e-30)),
         }
     record = {
-        "graph": "sam3_vision.int8",
+        "graph": stem,
         "file": dst.name,
         "external_data": f"{dst.name}.data" if (out / f"{dst.name}.data").exists() else None,
         "opset": fp32["opset"],
@@ -436,12 +439,13 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
         "export_seconds": round(seconds, 2),
         "versions": _versions(),
     }
-    (out / "sam3_vision.int8.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 def main(cfg: ExportConfig) -> Path:
     """Export the requested graphs of ``cfg.weights`` into ``cfg.out``; returns ``cfg.out``."""
+    from conceptseg.backends.ort import vision_graph
     from conceptseg.checkpoints import check_weights, is_synthetic, load_ctm
 
     parts = cfg.part_list()
@@ -460,10 +464,10 @@ def main(cfg: ExportConfig) -> Path:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"graphs": {}}
     if "sam3_vision" in parts and INT8_VISION not in parts:
         # quantized from the graph about to be replaced: drop it rather than leave it stale
-        stale = sorted(out.glob("sam3_vision.int8.*"))
+        stale = sorted(out.glob(f"{vision_graph('int8')}.*"))
         for path in stale:
             path.unlink()
-        listed = manifest["graphs"].pop("sam3_vision.int8", None)
+        listed = manifest["graphs"].pop(vision_graph("int8"), None)
         if stale or listed:
             print(
                 f"removed the int8 image encoder (re-make it with --parts sam3_vision,{INT8_VISION})"
@@ -488,7 +492,7 @@ def main(cfg: ExportConfig) -> Path:
         print(
             f"[{INT8_VISION}] {record['export_seconds']} s, relative L2 vs the fp32 graph <= {worst:.2e}"
         )
-        manifest["graphs"]["sam3_vision.int8"] = "sam3_vision.int8.json"
+        manifest["graphs"][record["graph"]] = f"{record['graph']}.json"
     if "mllm" in parts:
         from conceptseg_export.mllm_export import export_mllm
 

@@ -175,27 +175,28 @@ def engine_values(
 
 def _int8_vision(engines: Path, precision: str, fp32: dict[str, Any]) -> str:
     """The int8 image encoder's file stem, checked: exported, and the same tensors as fp32."""
+    from conceptseg.backends.ort import vision_graph
+
     if precision != "int8":
         raise TemplateError(f"sam3 precision {precision!r}: choose fp32 or int8")
+    stem = vision_graph(precision)
     int8 = read_json(
-        engines / "sam3_vision.int8.json",
+        engines / f"{stem}.json",
         "make it with `conceptseg export --parts sam3_vision_int8` (same --out)",
     )
     if (int8["inputs"], int8["outputs"]) != (fp32["inputs"], fp32["outputs"]):
-        raise TemplateError("sam3_vision.int8.json: inputs/outputs differ from sam3_vision.json")
-    return "sam3_vision.int8"
+        raise TemplateError(f"{stem}.json: inputs/outputs differ from sam3_vision.json")
+    return stem
 
 
 # --- the repository -----------------------------------------------------------------------------
-
-MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
 
 
 def mllm_source(
     profile: str, engines: Path, opts: RepoOptions, top: dict[str, Any]
 ) -> tuple[str, Path]:
     """(backend, directory) the ``mllm`` model loads, checked to exist."""
-    from conceptseg.backends import MLLM_PRECISIONS
+    from conceptseg.backends import MLLM_BACKENDS, MLLM_PRECISIONS
 
     backend = opts.mllm_backend or ("hf" if profile == "cpu" else "trtllm")
     if backend not in MLLM_BACKENDS:
@@ -336,6 +337,7 @@ def validate_repository(
 ) -> list[str]:
     """Problems found (empty: the repository agrees with the manifests and the contract)."""
     from conceptseg import contract
+    from conceptseg.backends.ort import vision_graph
 
     repo, engines = Path(repo), Path(engines)
     problems = []
@@ -372,7 +374,7 @@ def validate_repository(
             problems.append(f"{name}: backend {cfg.backend!r} != 'python' on cpu")
         else:
             graph = cfg.parameters["graph"].string_value
-            allowed = (name, "sam3_vision.int8") if name == "sam3_vision" else (name,)
+            allowed = (name, vision_graph("int8")) if name == "sam3_vision" else (name,)
             if graph not in allowed:
                 problems.append(f"{name}: graph {graph!r} is not one of {allowed}")
             elif not (engines / f"{graph}.onnx").exists():
@@ -407,13 +409,17 @@ def validate_repository(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from conceptseg.backends import MLLM_BACKENDS
+
     parser = argparse.ArgumentParser(prog="fill_template", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", required=True, choices=PROFILES)
     parser.add_argument("--engines", required=True, type=Path, help="conceptseg export output")
     parser.add_argument("--plans", type=Path, default=None, help="gpu: TensorRT plans directory")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--mllm-backend", default="", choices=["", *MLLM_BACKENDS])
-    parser.add_argument("--mllm-precision", default="fp32", help="ort-genai: fp32 or int4")
+    parser.add_argument(
+        "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
+    )
     parser.add_argument("--mllm-path", type=Path, default=None)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--orchestrator-instances", type=int, default=2)

@@ -177,19 +177,21 @@ class Bls:
     def __init__(self, pb_utils: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         self.pb_utils, self.loop = pb_utils, loop
 
-    async def _call(
-        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
-    ) -> dict[str, np.ndarray]:
+    def _request(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> Any:
         pb = self.pb_utils
-        request = pb.InferenceRequest(
+        return pb.InferenceRequest(
             model_name=model,
             inputs=[pb.Tensor(n, np.ascontiguousarray(a)) for n, a in inputs.items()],
             requested_output_names=list(outputs),
         )
-        response = await request.async_exec()
+
+    async def _call(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        response = await self._request(model, inputs, outputs).async_exec()
         if response.has_error():
             raise EngineError(f"{model}: {response.error().message()}")
-        return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+        return {n: self.pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
 
     def submit(
         self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
@@ -205,13 +207,8 @@ class Bls:
     async def _open_stream(
         self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
     ) -> Any:
-        pb = self.pb_utils
-        request = pb.InferenceRequest(
-            model_name=model,
-            inputs=[pb.Tensor(n, np.ascontiguousarray(a)) for n, a in inputs.items()],
-            requested_output_names=list(outputs),
-        )
-        return await request.async_exec(decoupled=True)  # resolves at the first response
+        # resolves at the first response
+        return await self._request(model, inputs, outputs).async_exec(decoupled=True)
 
     def stream(
         self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
@@ -395,7 +392,7 @@ def generation_to_arrays(gen: Generation) -> dict[str, np.ndarray]:
 
 def generation_from_arrays(out: dict[str, np.ndarray]) -> Generation:
     return Generation(
-        text=bytes(out["text"].ravel()[0]).decode("utf-8"),
+        text=text_of(out),
         token_ids=[int(t) for t in out["token_ids"]],
         hidden=np.asarray(out["hidden"], np.float32),
         prompt_tokens=int(out["prompt_tokens"][0]),
