@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny synthetic checkpoints, written once per test session."""
+"""Shared fixtures: tiny synthetic checkpoints, written once per test session; plan records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,36 @@ def tiny_engines(tiny_weights, tmp_path_factory) -> Path:
     ]
     assert main(argv) == 0
     return out
+
+
+def write_plan_records(engines: Path, plans: Path, graphs) -> None:
+    """``<graph>.plan.json`` (+ an empty ``.plan``) for ``graphs`` as ``conceptseg build-engines``
+    records them from the engine manifests: dynamic dims -1, TensorRT dtypes, the profiles it
+    would build. For repository tests on machines without a GPU."""
+    from conceptseg_export.trt_build import profiles_for
+
+    dtypes = {"float32": "FLOAT", "int64": "INT64"}
+    plans.mkdir(exist_ok=True)
+    for name in graphs:
+        manifest = json.loads((engines / f"{name}.json").read_text())
+        io = {
+            kind: [
+                {
+                    "name": t["name"],
+                    "shape": [-1 if isinstance(d, str) else d for d in t["shape"]],
+                    "dtype": dtypes[t["dtype"]],
+                }
+                for t in manifest[kind]
+            ]
+            for kind in ("inputs", "outputs")
+        }
+        profiles = [{"index": i, **p.to_json()} for i, p in enumerate(profiles_for(name, manifest))]
+        record = {"graph": name, **io, "profiles": profiles}
+        (plans / f"{name}.plan.json").write_text(json.dumps(record))
+        (plans / f"{name}.plan").write_bytes(b"")
+
+
+@pytest.fixture(scope="session")
+def plan_records():
+    """:func:`write_plan_records`, for tests in any directory."""
+    return write_plan_records

@@ -7,38 +7,12 @@ Run: .venv/bin/pytest tests/server/test_repository.py -q
 
 import json
 
-from conceptseg_export.trt_build import profiles_for
 from conceptseg_triton import fill_template as ft
 
-TRT = {"float32": "FLOAT", "int64": "INT64"}
 
-
-def fake_plans(engines, plans):
-    """The plan records ``conceptseg build-engines`` would write for these graphs (no GPU here)."""
-    plans.mkdir()
-    for graph in ft.ENGINE_MODELS:
-        manifest = json.loads((engines / f"{graph}.json").read_text())
-        io = {
-            kind: [
-                {
-                    "name": t["name"],
-                    "shape": [-1 if isinstance(d, str) else d for d in t["shape"]],
-                    "dtype": TRT[t["dtype"]],
-                }
-                for t in manifest[kind]
-            ]
-            for kind in ("inputs", "outputs")
-        }
-        profiles = [
-            {"index": i, **p.to_json()} for i, p in enumerate(profiles_for(graph, manifest))
-        ]
-        (plans / f"{graph}.plan.json").write_text(json.dumps({**io, "profiles": profiles}))
-        (plans / f"{graph}.plan").write_bytes(b"")
-
-
-def test_gpu_repository_agrees_with_the_exported_manifests(tiny_engines, tmp_path):
+def test_gpu_repository_agrees_with_the_exported_manifests(tiny_engines, tmp_path, plan_records):
     plans = tmp_path / "trt-fp16"
-    fake_plans(tiny_engines, plans)
+    plan_records(tiny_engines, plans, ft.ENGINE_MODELS)
     checkpoint = tmp_path / "trtllm-fp8"  # what trtllm_quantize would write (GPU machines)
     checkpoint.mkdir()
     opts = ft.RepoOptions(mllm_path=checkpoint)

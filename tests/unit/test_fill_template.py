@@ -11,7 +11,6 @@ import json
 import pytest
 
 from conceptseg import contract
-from conceptseg_export.trt_build import profiles_for
 from conceptseg_triton import fill_template as ft
 
 
@@ -75,7 +74,6 @@ GRAPHS = {
         [_tensor("concept", ["batch", 8, 256])],
     ),
 }
-TRT = {"float32": "FLOAT", "int64": "INT64"}
 
 
 @pytest.fixture
@@ -99,29 +97,6 @@ def engines(tmp_path):
         )
         (d / f"{name}.onnx").write_bytes(b"")  # the cpu engine models' files (validate looks)
     return d
-
-
-def write_plans(engines, plans):
-    """``<graph>.plan.json`` as build-engines records them (dynamic dims -1, TensorRT dtypes)."""
-    plans.mkdir(exist_ok=True)
-    for name in GRAPHS:
-        manifest = json.loads((engines / f"{name}.json").read_text())
-        io = {
-            kind: [
-                {
-                    "name": t["name"],
-                    "shape": [-1 if isinstance(d, str) else d for d in t["shape"]],
-                    "dtype": TRT[t["dtype"]],
-                }
-                for t in manifest[kind]
-            ]
-            for kind in ("inputs", "outputs")
-        }
-        profiles = [{"index": i, **p.to_json()} for i, p in enumerate(profiles_for(name, manifest))]
-        (plans / f"{name}.plan.json").write_text(
-            json.dumps({"graph": name, **io, "profiles": profiles})
-        )
-        (plans / f"{name}.plan").write_bytes(b"")
 
 
 def test_cpu_repository_is_valid(engines, tmp_path):
@@ -151,9 +126,9 @@ def test_orchestrator_config_is_the_contract(engines, tmp_path):
     assert [i.optional for i in cfg.input] == [s.optional for s in contract.INPUTS.values()]
 
 
-def test_gpu_repository_is_valid_against_plans(engines, tmp_path):
+def test_gpu_repository_is_valid_against_plans(engines, tmp_path, plan_records):
     plans = tmp_path / "trt-fp16"
-    write_plans(engines, plans)
+    plan_records(engines, plans, GRAPHS)
     repo = ft.build_repository("gpu", engines, tmp_path / "repo", plans=plans)
     assert ft.validate_repository(repo, engines, "gpu", plans) == []
     ctm = ft.parse_config(repo / "ctm" / "config.pbtxt")
@@ -186,9 +161,9 @@ def test_mllm_backend_and_its_directory(engines, tmp_path):
         mllm_params(mllm_backend="vllm")
 
 
-def test_gpu_validation_catches_a_plan_that_disagrees(engines, tmp_path):
+def test_gpu_validation_catches_a_plan_that_disagrees(engines, tmp_path, plan_records):
     plans = tmp_path / "plans"
-    write_plans(engines, plans)
+    plan_records(engines, plans, GRAPHS)
     record = json.loads((plans / "ctm.plan.json").read_text())
     record["inputs"][1]["dtype"] = "INT32"
     (plans / "ctm.plan.json").write_text(json.dumps(record))
