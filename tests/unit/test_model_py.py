@@ -21,7 +21,7 @@ from conceptseg.backends import triton as glue
 from conceptseg.backends.base import Generation
 from conceptseg.types import RequestError
 
-REPO = Path(__file__).resolve().parents[2] / "triton_repo"
+REPO = Path(__file__).resolve().parents[2] / "triton_repo" / "conceptseg_triton"
 
 
 @dataclass
