@@ -136,7 +136,7 @@ def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from conceptseg.backends.torch_sam3 import TorchSam3, preprocess
+    from conceptseg.backends.torch_ref import TorchSam3, preprocess
     from conceptseg.samples import sample_target
 
     torch.set_num_threads(args.threads)
@@ -207,7 +207,7 @@ def _bench_vision(
 
 def _heads_feeds(ref: Any) -> dict[str, np.ndarray]:
     """The heads graph's prompt inputs for a 40-slot prompt (8 concept + 32 text slots)."""
-    from conceptseg.backends.engines import build_prompt
+    from conceptseg.models.engines import build_prompt
 
     feats, mask = ref.text_features("the mug with a handle")
     concept = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32) * 0.1

@@ -139,9 +139,9 @@ def in_process_ms(pipeline: Any, request: Any, repeats: int) -> float:
 
 
 def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from conceptseg.backends import build_pipeline
+    from conceptseg.build import build_pipeline
     from conceptseg.config import from_name
-    from conceptseg.serve import ServeConfig, Server, free_port
+    from conceptseg.serving.server import ServeConfig, Server, free_port
 
     binary, env = perf_analyzer()
     engines = Path(args.engines).resolve()

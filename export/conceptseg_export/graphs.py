@@ -17,24 +17,14 @@ model configurations (``GRAPHS`` below is the single source of them).
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import types
 
-GRAPHS = {
-    "sam3_vision": (("image",), ("fpn0", "fpn1", "fpn2")),
-    "sam3_text": (("input_ids", "attention_mask"), ("text_features",)),
-    "sam3_heads": (
-        ("fpn0", "fpn1", "fpn2", "prompt", "prompt_mask", "boxes", "box_labels"),
-        (
-            "presence_logits",
-            "semantic_logits",
-            "instance_scores",
-            "instance_boxes",
-            "instance_masks",
-        ),
-    ),
-    "ctm": (("hidden", "key_mask"), ("concept",)),
-}
+import torch
+import torchvision
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
 SAM3_PARTS = ("sam3_vision", "sam3_text", "sam3_heads")
 
 
@@ -65,7 +55,6 @@ def _encode_boxes_batched(self, boxes, boxes_mask, boxes_labels, vision_features
     The same computation; a list of per-image boxes would be traced as a split into exactly the
     export batch size, so the graph could not take another batch size.
     """
-    import torchvision
 
     batch_size, num_boxes = boxes.shape[:2]
     height, width = vision_features.shape[-2:]
@@ -92,7 +81,6 @@ class HeadsGraph(nn.Module):
 
     def __init__(self, sam3: nn.Module, top_k: int) -> None:
         super().__init__()
-        import types
 
         self.sam3 = sam3
         self.top_k = top_k
@@ -100,8 +88,6 @@ class HeadsGraph(nn.Module):
         encoder._encode_boxes = types.MethodType(_encode_boxes_batched, encoder)
 
     def forward(self, fpn0, fpn1, fpn2, prompt, prompt_mask, boxes, box_labels):  # type: ignore[no-untyped-def]
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
         levels = (fpn0, fpn1, fpn2, fpn2)  # the model drops the last level; fpn2 stands in for it
         encode = self.sam3.vision_encoder.neck.position_encoding

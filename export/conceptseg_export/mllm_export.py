@@ -42,15 +42,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from conceptseg.backends.hf_mllm import HfMllm, load_qwen
+from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
+from conceptseg.checkpoints import safetensors_files
+from conceptseg.mosaic import build_mosaic, resize_target
+from conceptseg.prompt import messages
+from conceptseg.samples import sample_request
 from conceptseg_export import cli_args
+from conceptseg_export.export_config import MLLM_PRECISIONS
+from conceptseg_export.manifest import export_versions, sha256_files
 
 GRID = (1, 42, 42)  # (t, h, w) patches of a 588x588 image: 600x600 after Qwen's smart resize
 PATCH_DIM = 1176  # 3 channels x 2 frames x 14 x 14
 IMAGE_TOKEN_ID = 151655
-PRECISIONS = ("fp32", "int4")
+PRECISIONS = MLLM_PRECISIONS  # ort-genai decoder builds (conceptseg.build)
 GENAI_VERSION = "0.18.0"  # pinned in pyproject.toml; the genai_config layout below is its
 PROCESSOR_FILES = (
     "tokenizer.json",
@@ -79,7 +91,6 @@ class QwenVisionGraph(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, grid: tuple[int, int, int] = GRID) -> None:
-        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
         super().__init__()
         self.visual = visual
@@ -113,7 +124,6 @@ class QwenVisionGraph(nn.Module):
         self.register_buffer("patch_weight", patch, persistent=False)
 
     def _attention(self, block: nn.Module, x: torch.Tensor, windowed: bool) -> torch.Tensor:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
         attn = block.attn
         n = x.shape[0]
@@ -241,7 +251,6 @@ def _onnx_export(module: nn.Module, feeds: dict[str, torch.Tensor], path: Path,
     """Trace ``module`` to ``path`` with its weights in one ``path.name.data`` file. The tracer
     writes graphs over 2 GB with one external file per tensor; that happens in a scratch
     directory, so the output directory only ever gets the two files."""
-    import onnx
 
     with tempfile.TemporaryDirectory(prefix="conceptseg-trace-") as scratch:
         traced = Path(scratch) / path.name
@@ -265,7 +274,6 @@ def _onnx_export(module: nn.Module, feeds: dict[str, torch.Tensor], path: Path,
 
 
 def _ort_parity(path: Path, module: nn.Module, feeds: dict[str, torch.Tensor]) -> float:
-    import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
@@ -277,7 +285,6 @@ def _ort_parity(path: Path, module: nn.Module, feeds: dict[str, torch.Tensor]) -
 
 def export_mm_graphs(mllm_dir: Path, out_dir: Path) -> dict[str, Any]:
     """``vision.onnx`` and ``embedding.onnx`` from the checkpoint, each checked under ORT."""
-    from conceptseg.backends.hf_mllm import load_qwen
 
     # the checkpoint's dtype, then the two exported parts in fp32: the 3B model whole in fp32
     # would take 15 GB for the 3.3 GB that are exported here
@@ -333,9 +340,6 @@ def _copy_processor(mllm_dir: Path, dest: Path) -> None:
 
 def sample_inputs() -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages and images ``[mosaic, target]`` of the bundled sample request."""
-    from conceptseg.mosaic import build_mosaic, resize_target
-    from conceptseg.prompt import messages
-    from conceptseg.samples import sample_request
 
     request = sample_request()
     mosaic = build_mosaic(request.references)
@@ -373,8 +377,6 @@ def verify(mllm_dir: Path, root: Path, precisions: tuple[str, ...], tokens: int)
     """Greedy ``tokens`` tokens on the bundled sample request, hf backend (fp32) vs ort-genai per
     precision: free running, and teacher-forced on the hf tokens (per-step agreement; states of
     the same sequence). One model in memory at a time (the 3B pair would not fit in 24 GB)."""
-    from conceptseg.backends.hf_mllm import HfMllm
-    from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
 
     msgs, images = sample_inputs()
     ref = HfMllm(mllm_dir, max_new_tokens=tokens).generate(msgs, images)
@@ -438,15 +440,13 @@ def export_mllm(
 def _provenance(mllm_dir: Path) -> dict[str, Any]:
     import onnxruntime_genai as og
 
-    from conceptseg.checkpoints import safetensors_files
-    from conceptseg_export.onnx_export import _sha256_files, _versions
 
     return {
         "source": str(mllm_dir.resolve()),
-        "source_sha256": _sha256_files(safetensors_files(mllm_dir)),
+        "source_sha256": sha256_files(safetensors_files(mllm_dir)),
         "image_side": 588,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": _versions() | {"onnxruntime_genai": og.__version__},
+        "versions": export_versions() | {"onnxruntime_genai": og.__version__},
     }
 
 

@@ -10,22 +10,37 @@ prompt layout, CTM sequence buckets) so that the runtime needs nothing else.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxscript.optimizer
 import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import Sam3Model
 
-from conceptseg_export import cli_args
+from conceptseg.checkpoints import load_ctm, read_tensors
+from conceptseg.models.ctm import CTM_PREFIXES, ConceptTranslationModule
+from conceptseg.models.engines import CTM_BUCKETS, vision_graph
+from conceptseg.models.qwen import quiet_transformers
+from conceptseg.models.sam3_inputs import TEXT_CONTEXT, Sam3Tokenizer
+from conceptseg.types import UsageError
+from conceptseg.weights import check_weights, is_synthetic, safetensors_files
+from conceptseg_export.export_config import (
+    EXTERNAL_DATA_BYTES,
+    INT8_VISION,
+    ExportConfig,
+)
 from conceptseg_export.graphs import (
     GRAPHS,
     SAM3_PARTS,
@@ -34,84 +49,8 @@ from conceptseg_export.graphs import (
     TextGraph,
     VisionGraph,
 )
-
-TEXT_CONTEXT = 32
-CTM_BUCKETS = (128, 256, 512, 768)
-DEFAULT_PARTS = (*GRAPHS, "mllm")  # mllm: Qwen2.5-VL vision + embedding graphs, ort-genai decoder
-# opt-in: sam3_vision with dynamic int8 MatMul weights, for ONNX Runtime on CPUs (2.15x torch
-# at 1008 px on 2 cores, benchmarks/README.md); TensorRT quantizes on its own (--fp8)
-INT8_VISION = "sam3_vision_int8"
-PARTS = (*DEFAULT_PARTS, INT8_VISION)
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in <graph>.onnx.data
-
-
-@dataclass
-class ExportConfig:
-    """What to export and where."""
-
-    weights: Path = field(metadata={"help": "directory with mllm/ and sam3/ checkpoints"})
-    out: Path = field(metadata={"help": "output directory, e.g. engines/tiny"})
-    parts: str = field(
-        default="all",
-        metadata={
-            "help": "comma list of sam3_vision,sam3_text,sam3_heads,ctm,mllm (= all) and the "
-            "opt-in sam3_vision_int8 (ONNX Runtime CPU)"
-        },
-    )
-    mllm_precisions: str = field(
-        default="fp32,int4",
-        metadata={"help": "comma list of ort-genai decoder precisions: fp32,int4"},
-    )
-    mllm_verify_tokens: int = field(
-        default=24,
-        metadata={"help": "greedy tokens compared with transformers after the mllm export"},
-    )
-    top_k: int = field(default=16, metadata={"help": "instances returned by the heads graph"})
-    q_max: int = field(
-        default=0, metadata={"help": "concept slots in the heads prompt (0: the CTM's Q)"}
-    )
-    opset: int = field(default=18, metadata={"help": "ONNX opset"})
-
-    def part_list(self) -> list[str]:
-        parts = [p.strip() for p in self.parts.split(",") if p.strip()]
-        if "all" in parts:
-            parts = list(DEFAULT_PARTS) + [p for p in parts if p not in (*DEFAULT_PARTS, "all")]
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:
-            from conceptseg.types import RequestError
-
-            raise RequestError("--parts", f"unknown {unknown}; choose from {list(PARTS)} or 'all'")
-        return parts
-
-    def mllm_precision_list(self) -> tuple[str, ...]:
-        from conceptseg_export.mllm_export import PRECISIONS
-
-        chosen = tuple(p.strip() for p in self.mllm_precisions.split(",") if p.strip())
-        unknown = sorted(set(chosen) - set(PRECISIONS))
-        if unknown or not chosen:
-            from conceptseg.types import RequestError
-
-            raise RequestError(
-                "--mllm-precisions", f"got {self.mllm_precisions!r}; choose from {list(PRECISIONS)}"
-            )
-        return chosen
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    cli_args.add_cli_args(parser, ExportConfig)
-
-
-def from_cli_args(args: argparse.Namespace) -> ExportConfig:
-    return cli_args.from_cli_args(args, ExportConfig)
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
+from conceptseg_export.manifest import export_versions, sha256_files
+from conceptseg_export.mllm_export import export_mllm
 
 
 def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
@@ -120,22 +59,6 @@ def _sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import transformers
-
-    import conceptseg
-
-    return {
-        "conceptseg": conceptseg.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 def _describe(
@@ -215,8 +138,6 @@ def _fold(path: Path, external: bool) -> None:
     (TensorRT's ONNX tooling handles them poorly), keeping big weights in one external file.
     Graphs without ``If`` are left as exported (the optimizer's rewrite of the heads graph does
     not load). The ORT parity check follows."""
-    import onnx
-    import onnxscript.optimizer
 
     model = onnx.load(str(path))
     if not any(node.op_type == "If" for node in model.graph.node):
@@ -233,7 +154,6 @@ def _fold(path: Path, external: bool) -> None:
 
 def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     """Export one graph, check it under ONNX Runtime at batch 1 and 2, write its manifest."""
-    import onnxruntime as ort
 
     input_names, output_names = GRAPHS[spec.name]
     path = out_dir / f"{spec.name}.onnx"
@@ -273,25 +193,21 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
         "source_sha256": spec.source_hash,
         "parity_vs_torch_fp32": parity,
         "export_seconds": round(export_s, 2),
-        "versions": _versions(),
+        "versions": export_versions(),
     }
     (out_dir / f"{spec.name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec]:
-    from transformers import Sam3Model
 
-    from conceptseg.backends.hf_mllm import quiet_transformers
-    from conceptseg.backends.torch_sam3 import Sam3Tokenizer
-    from conceptseg.checkpoints import safetensors_files
 
     quiet_transformers()
     model = Sam3Model.from_pretrained(sam3_dir).eval()  # sdpa until the heads (see below)
     side = model.config.vision_config.backbone_config.image_size
     top_k = min(cfg.top_k, model.config.detr_decoder_config.num_queries)
-    source = _sha256_files(safetensors_files(sam3_dir))
-    tokenize = Sam3Tokenizer(sam3_dir)
+    source = sha256_files(safetensors_files(sam3_dir))
+    tokenize = Sam3Tokenizer.from_checkpoint(sam3_dir)
     generator = torch.Generator().manual_seed(0)
     vision = VisionGraph(model).eval()
     with torch.no_grad():  # FPN levels for the heads' dummy inputs: one image, repeated
@@ -357,8 +273,6 @@ def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec
 
 
 def _ctm_spec(mllm_dir: Path) -> GraphSpec:
-    from conceptseg.backends.ctm import CTM_PREFIXES, ConceptTranslationModule
-    from conceptseg.checkpoints import read_tensors
 
     state = {k: v.float() for k, v in read_tensors(mllm_dir, CTM_PREFIXES).items()}
     ctm = ConceptTranslationModule.from_state_dict(state)
@@ -385,17 +299,13 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
     the MatMul weights (per tensor, activations quantized at run time), for ONNX Runtime's CPU
     int8 kernels. Its manifest keeps the fp32 graph's inputs and outputs (the contract is the
     same) and records the difference to the fp32 graph on a seeded random image."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from conceptseg.backends.ort import vision_graph
 
     stem = vision_graph("int8")  # the file name the ONNX Runtime backend and Triton load
     src, dst = out / "sam3_vision.onnx", out / f"{stem}.onnx"
     if not src.exists() or not (out / "sam3_vision.json").exists():
-        from conceptseg.types import RequestError
 
-        raise RequestError(
+        raise UsageError(
             "--parts",
             f"{INT8_VISION} quantizes {src}: export sam3_vision into the same --out first",
         )
@@ -437,7 +347,7 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
         },  # fmt: skip
         "parity_vs_fp32_graph": parity,
         "export_seconds": round(seconds, 2),
-        "versions": _versions(),
+        "versions": export_versions(),
     }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -445,8 +355,6 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
 
 def main(cfg: ExportConfig) -> Path:
     """Export the requested graphs of ``cfg.weights`` into ``cfg.out``; returns ``cfg.out``."""
-    from conceptseg.backends.ort import vision_graph
-    from conceptseg.checkpoints import check_weights, is_synthetic, load_ctm
 
     parts = cfg.part_list()
     precisions = cfg.mllm_precision_list() if "mllm" in parts else ()
@@ -494,7 +402,6 @@ def main(cfg: ExportConfig) -> Path:
         )
         manifest["graphs"][record["graph"]] = f"{record['graph']}.json"
     if "mllm" in parts:
-        from conceptseg_export.mllm_export import export_mllm
 
         print(
             "[mllm] exporting the Qwen2.5-VL vision/embedding graphs and the ort-genai decoder ...",
@@ -503,8 +410,9 @@ def main(cfg: ExportConfig) -> Path:
         manifest["graphs"].update(
             export_mllm(mllm_dir, out, precisions, verify_tokens=cfg.mllm_verify_tokens)
         )
+    # the runtime's tokenizer (tokenizers, no transformers) + the checkpoint's own CLIP files
     tokenizer_dir = out / "sam3_tokenizer"
-    tokenizer_dir.mkdir(exist_ok=True)
+    Sam3Tokenizer.from_checkpoint(sam3_dir).save(tokenizer_dir)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy2(sam3_dir / name, tokenizer_dir / name)
     manifest.update(
@@ -520,7 +428,7 @@ def main(cfg: ExportConfig) -> Path:
             "ctm_buckets": list(CTM_BUCKETS),
             "prompt_layout": f"[concept slots ({q_max}); text ({TEXT_CONTEXT})], mask 0 = unused slot",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "versions": _versions(),
+            "versions": export_versions(),
         }
     )
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

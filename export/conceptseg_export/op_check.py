@@ -22,9 +22,12 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 from google.protobuf.message import DecodeError
+
+if TYPE_CHECKING:
+    import onnx
 
 SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_supported_ops.json")
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -47,9 +50,9 @@ def _walk(nodes, local_functions: set[tuple[str, str]]) -> Iterator[str]:
         if (node.domain, node.op_type) not in local_functions:
             yield _op_key(node.domain, node.op_type)
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
+            if attr.type == 5:  # onnx.AttributeProto.GRAPH
                 yield from _walk(attr.g.node, local_functions)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
+            elif attr.type == 10:  # onnx.AttributeProto.GRAPHS
                 for graph in attr.graphs:
                     yield from _walk(graph.node, local_functions)
 
@@ -65,6 +68,8 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
 
 def _load(onnx_path: str | Path) -> onnx.ModelProto:
     # Weights are not needed to read the graph; large exports keep them in external files.
+    import onnx  # lazy: 0.9 s of imports; `conceptseg --help` registers build-engines' flags
+
     return onnx.load(str(onnx_path), load_external_data=False)
 
 

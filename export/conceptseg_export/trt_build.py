@@ -44,15 +44,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conceptseg.types import RequestError
+from conceptseg.backends.trt import TENSORRT_PIN, TensorRTUnavailable, import_tensorrt
+from conceptseg.models.engines import CTM_BUCKETS  # the runtime pads completion states to these
+from conceptseg.types import UsageError
 from conceptseg_export import cli_args
 from conceptseg_export.op_check import tensorrt_graphs
-from conceptseg_export.trt_runtime import (
-    TENSORRT_PIN,
-    TensorRTUnavailable,
-    check_against_onnxruntime,
-    import_tensorrt,
-)
+from conceptseg_export.trt_verify import check_against_onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +68,18 @@ class DimRule:
     throughput: tuple[int, int, int]
 
 
-CTM_SEQ_BUCKETS = (128, 256, 512, 768)  # the runtime pads completion states to one of these
 # (graph, dimension name) -> rule; graph "*" matches every graph; the graph's own entry wins.
 DIM_RULES: dict[tuple[str, str], DimRule] = {
     ("*", "batch"): DimRule(latency=(1,), throughput=(1, 4, 8)),
     # at most 768 generated tokens (PipelineConfig.max_new_tokens), so 768 bounds the sequence
-    ("ctm", "seq"): DimRule(latency=CTM_SEQ_BUCKETS, throughput=(128, 256, 768)),
+    ("ctm", "seq"): DimRule(latency=CTM_BUCKETS, throughput=(128, 256, 768)),
     # the runtime always sends exactly one padding box (label -10, METHOD.md section 6)
     ("sam3_heads", "num_boxes"): DimRule(latency=(1,), throughput=(1, 1, 1)),
 }
 Shape = tuple[int, ...]
 
 
-class BuildError(RequestError):
+class BuildError(UsageError):
     """The build cannot go on; the message names the graph or option and how to fix it."""
 
 
@@ -439,7 +435,8 @@ def _plan_record(
 
 
 def _check_fp8(paths: list[Path]) -> None:
-    import onnx
+
+    import onnx  # lazy: 0.9 s of imports; `conceptseg --help` registers this module's flags
 
     plain = [p.name for p in paths if not has_fp8_qdq(onnx.load(str(p), load_external_data=False))]
     if plain:

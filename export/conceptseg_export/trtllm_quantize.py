@@ -31,6 +31,12 @@ from typing import Any
 
 import torch
 
+from conceptseg.backends.trtllm_mllm import ARCHITECTURE, TRTLLM_PIN
+from conceptseg.inputs import parse_ref, read_image
+from conceptseg.mosaic import build_mosaic, resize_target
+from conceptseg.prompt import messages
+from conceptseg.samples import sample_request
+from conceptseg.types import Request
 from conceptseg_export import cli_args
 from conceptseg_export.mllm_export import PROCESSOR_FILES
 
@@ -69,9 +75,6 @@ def from_cli_args(args: argparse.Namespace) -> QuantizeConfig:
 
 def calibration_requests(path: Path | None, limit: int) -> list[Any]:
     """Requests from a JSONL file (see the module docstring), or the bundled sample."""
-    from conceptseg.cli import parse_ref, read_image
-    from conceptseg.samples import sample_request
-    from conceptseg.types import Request
 
     if path is None:
         return [sample_request()]
@@ -99,8 +102,6 @@ def calibration_requests(path: Path | None, limit: int) -> list[Any]:
 
 def calibration_inputs(requests: list[Any], processor: Any) -> list[dict[str, torch.Tensor]]:
     """The model inputs of each request, built as the pipeline builds them."""
-    from conceptseg.mosaic import build_mosaic, resize_target
-    from conceptseg.prompt import messages
 
     batches = []
     for request in requests:
@@ -173,7 +174,6 @@ def _check_environment(qformat: str) -> None:
 def _write_checkpoint(model: Any, mllm_dir: Path, out: Path) -> None:
     from modelopt.torch.export import export_hf_checkpoint
 
-    from conceptseg.backends.trtllm_mllm import ARCHITECTURE
 
     export_hf_checkpoint(model, export_dir=str(out))
     config_path = out / "config.json"
@@ -192,7 +192,6 @@ def main(cfg: QuantizeConfig) -> Path:
     import transformers
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from conceptseg.backends.trtllm_mllm import TRTLLM_PIN
 
     _check_environment(cfg.qformat)
     mllm_dir = Path(cfg.weights) / "mllm"

@@ -26,10 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conceptseg import vocab
-from conceptseg.backends.ctm import CTM_PREFIXES, ConceptTranslationModule
+from conceptseg.models.ctm import CTM_PREFIXES, ConceptTranslationModule
 from conceptseg.types import RequestError
-
-SYNTHETIC_MARKER = "conceptseg_synthetic.json"
+from conceptseg.weights import SYNTHETIC_MARKER, safetensors_files
 
 
 @dataclass(frozen=True)
@@ -221,16 +220,6 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 
     )
 
 
-def safetensors_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (single file or sharded with an index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    single = directory / "model.safetensors"
-    return [single] if single.exists() else []
-
-
 def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Tensors whose names start with one of ``prefixes``, from every shard (no other tensor is read)."""
     out: dict[str, torch.Tensor] = {}
@@ -240,24 +229,6 @@ def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, torch.
                 if key.startswith(prefixes):
                     out[key] = f.get_tensor(key)
     return out
-
-
-def check_checkpoint_dir(directory: Path, kind: str, needed: tuple[str, ...]) -> None:
-    """Raise :class:`RequestError` if ``directory`` is not a ``kind`` checkpoint."""
-    field = f"--weights ({kind})"
-    if not directory.is_dir():
-        raise RequestError(
-            field,
-            f"{directory} is not a directory; create one with "
-            "`conceptseg synth --out DIR` or point at a real checkpoint",
-        )
-    missing = [n for n in needed if not (directory / n).exists()]
-    if not safetensors_files(directory):
-        missing.append("model.safetensors (or a sharded index)")
-    if missing:
-        raise RequestError(
-            field, f"{directory} lacks {', '.join(missing)}: not a {kind} checkpoint"
-        )
 
 
 def load_ctm(directory: Path, dtype: torch.dtype = torch.float32) -> ConceptTranslationModule:
@@ -272,10 +243,6 @@ def load_ctm(directory: Path, dtype: torch.dtype = torch.float32) -> ConceptTran
     return ConceptTranslationModule.from_state_dict({k: v.float() for k, v in state.items()}).to(
         dtype
     )
-
-
-def is_synthetic(weights: Path) -> bool:
-    return (weights / SYNTHETIC_MARKER).exists()
 
 
 def sam3_config(size_name: str) -> Any:
@@ -349,7 +316,7 @@ def write_synthetic_sam3(out: Path, size_name: str, seed: int) -> None:
     """Random-weight HF ``Sam3Model`` checkpoint + CLIP tokenizer + image processor config."""
     from transformers import Sam3ImageProcessor, Sam3Model
 
-    from conceptseg.backends.hf_mllm import quiet_transformers
+    from conceptseg.models.qwen import quiet_transformers
 
     quiet_transformers()
     config = sam3_config(size_name)
@@ -377,27 +344,3 @@ def synth(out: Path, size_name: str = "tiny", seed: int = 0) -> Path:
         },
     )
     return out
-
-
-def check_weights(weights: Path) -> tuple[Path, Path]:
-    """``(weights/mllm, weights/sam3)`` after checking both are checkpoints of the right kind."""
-    weights = Path(weights)
-    if not weights.is_dir():
-        raise RequestError(
-            "--weights",
-            f"{weights} is not a directory; create one with "
-            f"`conceptseg synth --out {weights}` or point at real checkpoints",
-        )
-    mllm, sam3 = weights / "mllm", weights / "sam3"
-    check_checkpoint_dir(
-        mllm, "mllm", ("config.json", "tokenizer_config.json", "preprocessor_config.json")
-    )
-    check_checkpoint_dir(sam3, "sam3", ("config.json", "vocab.json", "merges.txt"))
-    for directory, kind in ((mllm, "qwen2_5_vl"), (sam3, "sam3")):
-        found = json.loads((directory / "config.json").read_text()).get("model_type")
-        if found != kind:
-            raise RequestError(
-                f"--weights ({directory.name})",
-                f"{directory}/config.json has model_type {found!r}, expected {kind!r}",
-            )
-    return mllm, sam3

@@ -7,6 +7,7 @@ fix it>`` and exit status 2; never a traceback from inside a library.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -14,10 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from conceptseg.types import Reference, Request, RequestError, Result
+from conceptseg import config as cfg
+from conceptseg import contract
+from conceptseg.build import MLLM_BACKENDS, SEG_BACKENDS, build_pipeline
+from conceptseg.inputs import parse_ref, read_image
+from conceptseg.masks import to_png
+from conceptseg.models.engines import SAM3_PRECISIONS
+from conceptseg.pipeline import check_request
+from conceptseg.samples import sample_request
+from conceptseg.types import Request, RequestError, Result, UsageError
+from conceptseg.weights import is_synthetic
+from conceptseg_export import export_config, trt_build
 
 SYNTHETIC_BANNER = (
     "NOTE: these weights are synthetic (random). The pipeline, formats and timings are real; the\n"
@@ -25,75 +33,31 @@ SYNTHETIC_BANNER = (
 )
 
 
-def read_image(path: str, argument: str) -> Image.Image:
-    """Open an image file fully (RGB), or raise RequestError naming ``argument``."""
-    file = Path(path)
-    if not file.is_file():
-        raise RequestError(argument, f"{path} does not exist or is not a file")
-    try:
-        with Image.open(file) as image:
-            image.load()
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RequestError(
-            argument, f"cannot read {path} as an image ({exc}); give a PNG or JPEG"
-        ) from None
-    if rgb.width == 0 or rgb.height == 0:
-        raise RequestError(argument, f"{path} has zero size")
-    return rgb
-
-
-def parse_ref(spec: str, index: int) -> Reference:
-    """``IMG:x1,y1,x2,y2`` (box in that image's pixels) or ``IMG:MASK`` (a mask image, nonzero = concept)."""
-    argument = f"--ref #{index + 1}"
-    image_path, sep, where = spec.rpartition(":")
-    if not sep or not image_path:
-        raise RequestError(argument, f"{spec!r} must be IMG:x1,y1,x2,y2 or IMG:MASK.png")
-    image = read_image(image_path, argument)
-    parts = where.split(",")
-    if len(parts) == 4:
-        try:
-            box = tuple(float(p) for p in parts)
-        except ValueError:
-            raise RequestError(
-                argument, f"box {where!r} must be four numbers x1,y1,x2,y2"
-            ) from None
-        return Reference(image=image, box=box)  # type: ignore[arg-type]
-    if len(parts) > 1:
-        raise RequestError(argument, f"box {where!r} must be four numbers x1,y1,x2,y2")
-    mask = np.asarray(read_image(where, argument).convert("L")) > 0
-    return Reference(image=image, mask=mask)
-
-
 def write_outputs(result: Result, prefix: str) -> tuple[Path, Path]:
-    """``PREFIX.png`` (mask, 255 = concept) and ``PREFIX.json``."""
-    from conceptseg.masks import to_png
-
+    """``PREFIX.png`` (mask, 255 = concept), ``PREFIX.json`` and, when instances were asked
+    for, ``PREFIX.instance<i>.png`` in the order of the JSON's ``instances``."""
     base = Path(prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     png, js = base.with_name(base.name + ".png"), base.with_name(base.name + ".json")
     png.write_bytes(to_png(result.mask))
+    for i, instance in enumerate(result.instances):
+        base.with_name(f"{base.name}.instance{i}.png").write_bytes(to_png(instance.mask))
     js.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return png, js
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from conceptseg import config as cfg
-
     overrides: dict[str, Any] = {"router": not args.no_router}
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
     try:
         return cfg.from_env(cfg.from_name(args.preset, **overrides))
     except (ValueError, AssertionError) as exc:
-        raise RequestError("--preset/--max-new-tokens/CONCEPTSEG_*", str(exc)) from None
+        raise UsageError("--preset/--max-new-tokens/CONCEPTSEG_*", str(exc)) from None
 
 
 def _pipeline(args: argparse.Namespace, request: Request) -> Any:
     """Check the request first (cheap), then load the models."""
-    from conceptseg.backends import build_pipeline
-    from conceptseg.pipeline import check_request
-
     config = _config(args)
     check_request(request, config)
     engines = Path(args.engines) if args.engines else None
@@ -110,8 +74,6 @@ def _pipeline(args: argparse.Namespace, request: Request) -> Any:
 
 
 def _report(result: Result, png: Path, js: Path, weights: Path) -> None:
-    from conceptseg.checkpoints import is_synthetic
-
     shown = result.to_json()
     if len(shown["text"]) > 300:  # the file keeps all of it
         shown["text"] = shown["text"][:300] + f"... ({len(shown['text'])} characters, see {js})"
@@ -122,7 +84,7 @@ def _report(result: Result, png: Path, js: Path, weights: Path) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from conceptseg.checkpoints import synth
+    from conceptseg.checkpoints import synth  # lazy: torch + transformers (writers)
 
     out = synth(Path(args.out), args.size, args.seed)
     print(
@@ -137,8 +99,9 @@ def cmd_segment(args: argparse.Namespace) -> None:
         references=tuple(parse_ref(spec, i) for i, spec in enumerate(args.ref or [])),
     )
     pipeline = _pipeline(args, request)
+    threshold = args.instance_threshold if args.instances else None
     with _text_printer(args.stream) as on_text:
-        result = pipeline.run(request, on_text)
+        result = pipeline.run(request, on_text, instances=threshold)
     png, js = write_outputs(result, args.out)
     _report(result, png, js, Path(args.weights))
 
@@ -166,8 +129,7 @@ def _text_printer(stream: bool) -> Iterator[Any]:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The bundled sample: through the Triton server (start, request, print, stop) or in-process."""
-    from conceptseg.checkpoints import synth
-    from conceptseg.samples import sample_request
+    from conceptseg.checkpoints import synth  # lazy: torch + transformers (writers)
 
     weights = Path(args.weights)
     if not (weights / "mllm").exists() or not (weights / "sam3").exists():
@@ -191,8 +153,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _demo_served(args: argparse.Namespace, request: Request, weights: Path, out: Path) -> None:
-    from conceptseg.client import Client
-    from conceptseg.serve import Server, free_port
+    from conceptseg.client import Client  # lazy: tritonclient (the serve extra)
+    from conceptseg.serving.server import Server, free_port  # lazy: tritonclient's protos
 
     engines = Path(args.engines or "engines/tiny")
     if not (engines / "manifest.json").exists():
@@ -215,8 +177,6 @@ def _demo_served(args: argparse.Namespace, request: Request, weights: Path, out:
 
 def _write_response(response: Any, prefix: str) -> tuple[Path, Path]:
     """``PREFIX.png`` and ``PREFIX.json`` from a server response, as ``write_outputs`` does."""
-    from conceptseg.masks import to_png
-
     base = Path(prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     png, js = base.with_name(base.name + ".png"), base.with_name(base.name + ".json")
@@ -226,8 +186,6 @@ def _write_response(response: Any, prefix: str) -> tuple[Path, Path]:
 
 
 def _show(shown: dict[str, Any], png: Path, js: Path, weights: Path | None) -> None:
-    from conceptseg.checkpoints import is_synthetic
-
     shown = dict(shown)
     if len(shown.get("text") or "") > 300:  # the file keeps all of it
         shown["text"] = shown["text"][:300] + f"... ({len(shown['text'])} characters, see {js})"
@@ -243,9 +201,7 @@ def _show(shown: dict[str, Any], png: Path, js: Path, weights: Path | None) -> N
 def _serve_config(
     args: argparse.Namespace, engines: Path, http: int, grpc: int, metrics: int
 ) -> Any:
-    from dataclasses import asdict
-
-    from conceptseg.serve import ServeConfig
+    from conceptseg.serving.server import ServeConfig  # lazy: tritonclient's protos
 
     return ServeConfig(
         engines=engines,
@@ -255,12 +211,12 @@ def _serve_config(
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
-        pipeline_config=asdict(_config(args)),
+        pipeline_config=dataclasses.asdict(_config(args)),
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from conceptseg.serve import serve_forever
+    from conceptseg.serving.server import serve_forever  # lazy: tritonclient's protos
 
     cfg = _serve_config(args, Path(args.engines), args.http_port, args.grpc_port, args.metrics_port)
     cfg.model_control = args.model_control
@@ -276,11 +232,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_client(args: argparse.Namespace) -> None:
-    from conceptseg import contract
-    from conceptseg.client import Client, ServerError, split_url
+    from conceptseg.client import Client, ServerError, split_url  # lazy: tritonclient
 
     if args.stream and split_url(args.url, args.protocol)[0] != "grpc":
-        raise RequestError(
+        raise UsageError(
             "--stream", "streaming needs gRPC: --url grpc://HOST:PORT (the server's gRPC port)"
         )
     image = _read_bytes(args.image, "--image")
@@ -288,7 +243,7 @@ def cmd_client(args: argparse.Namespace) -> None:
     for i, spec in enumerate(args.ref or []):
         ref = parse_ref(spec, i)
         if ref.box is None:
-            raise RequestError(f"--ref #{i + 1}", "the server takes boxes only: IMG:x1,y1,x2,y2")
+            raise UsageError(f"--ref #{i + 1}", "the server takes boxes only: IMG:x1,y1,x2,y2")
         references.append((_read_bytes(spec.rpartition(":")[0], f"--ref #{i + 1}"), ref.box))
     options = contract.Options(
         router=not args.no_router, instance_masks=args.instance_masks, mask_format=args.mask_format
@@ -301,7 +256,7 @@ def cmd_client(args: argparse.Namespace) -> None:
                 response = client.segment(image, args.prompt, references, options)
     except ServerError as exc:
         if exc.invalid_argument:
-            raise RequestError("server", exc.message) from None
+            raise UsageError("server", exc.message) from None
         print(f"error: server ({exc.status}): {exc.message}", file=sys.stderr)
         raise SystemExit(1) from None
     except ConnectionError as exc:
@@ -318,8 +273,8 @@ def _read_bytes(path: str, argument: str) -> bytes:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from conceptseg_export.onnx_export import from_cli_args
-    from conceptseg_export.onnx_export import main as export_main
+    from conceptseg_export.export_config import from_cli_args
+    from conceptseg_export.onnx_export import main as export_main  # lazy: torch + onnx
 
     export_main(from_cli_args(args))
 
@@ -331,29 +286,31 @@ def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None =
         default=weights_default,
         help="directory with mllm/ and sam3/ checkpoints",
     )
-    p.add_argument(
-        "--backend", default="torch", help="SAM 3 and CTM backend: torch, onnxruntime or tensorrt"
-    )
+    p.add_argument("--backend", default="torch", choices=SEG_BACKENDS,
+                   help="SAM 3 and CTM backend")  # fmt: skip
     p.add_argument(
         "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime"
     )
     p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
-    p.add_argument("--mllm-backend", default="hf", help="MLLM backend: hf, ort-genai or trtllm")
+    p.add_argument("--mllm-backend", default="hf", choices=MLLM_BACKENDS, help="MLLM backend")
     p.add_argument(
         "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
     )
-    p.add_argument(
-        "--sam3-precision", default="fp32", help="onnxruntime: fp32, or int8 (the image encoder)"
-    )
-    p.add_argument(
-        "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
-    )
+    p.add_argument("--sam3-precision", default="fp32", choices=SAM3_PRECISIONS,
+                   help="onnxruntime: int8 runs the image encoder with int8 weights")  # fmt: skip
+    _add_config_args(p)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """The pipeline switches (``PipelineConfig``) that ``segment``, ``demo`` and ``serve`` take."""
+    p.add_argument("--preset", default="reference", choices=sorted(cfg.PRESETS),
+                   help="pipeline preset")  # fmt: skip
     p.add_argument(
         "--no-router", action="store_true", help="always run the MLLM (skip the SAM 3 probe)"
     )
-    p.add_argument(
-        "--max-new-tokens", type=int, default=0, help="cap on generated tokens (default 768)"
-    )
+    default = cfg.PipelineConfig().max_new_tokens
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help=f"cap on generated tokens (default {default})")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,13 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("export", help="export SAM 3 and the CTM to ONNX (+ manifests)")
-    from conceptseg_export.onnx_export import add_cli_args
-
-    add_cli_args(p)
+    export_config.add_cli_args(p)
     p.set_defaults(func=cmd_export)
-    from conceptseg_export.trt_build import register
-
-    register(sub)
+    trt_build.register(sub)
     p = sub.add_parser("segment", help="segment one image")
     _add_pipeline_args(p)
     p.add_argument("--image", required=True, help="target image (PNG/JPEG)")
@@ -384,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.json")
     p.add_argument("--stream", action="store_true", help="print the reasoning text to stderr live")
+    p.add_argument("--instances", action="store_true",
+                   help="also write SAM 3's instances (PREFIX.instance<i>.png, JSON instances)")  # fmt: skip
+    p.add_argument("--instance-threshold", type=float, default=contract.Options().instance_threshold,
+                   help="keep instances scoring at least this")  # fmt: skip
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("serve", help="run the Triton server on exported engines (Ctrl-C stops)")
     p.add_argument("--engines", required=True, help="conceptseg export output (manifest.json)")
@@ -396,18 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model-control", default="none", choices=["none", "explicit"])
-    p.add_argument(
-        "--sam3-precision",
-        default="fp32",
-        choices=["fp32", "int8"],
-        help="cpu: int8 serves the image encoder with int8 weights (export --parts sam3_vision_int8)",
-    )
-    p.add_argument(
-        "--mllm-backend",
-        default="",
-        choices=["", "hf", "ort-genai", "trtllm"],
-        help="default: hf on cpu, trtllm on gpu",
-    )
+    p.add_argument("--sam3-precision", default="fp32", choices=SAM3_PRECISIONS,
+                   help="cpu: int8 serves the image encoder with int8 weights "
+                   "(export --parts sam3_vision_int8)")  # fmt: skip
+    p.add_argument("--mllm-backend", default="", choices=["", *MLLM_BACKENDS],
+                   help="default: hf on cpu, trtllm on gpu")  # fmt: skip
     p.add_argument(
         "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
     )
@@ -418,13 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another Triton build's binary (gpu; with --backend-dir)",
     )
     p.add_argument("--backend-dir", default=None, help="its backends directory (gpu: tensorrt)")
-    p.add_argument(
-        "--preset", default="reference", help="pipeline preset: reference, demo-script, test"
-    )
-    p.add_argument("--no-router", action="store_true", help="always run the MLLM")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=0, help="cap on generated tokens (default 768)"
-    )
+    _add_config_args(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("client", help="send one request to a running server")
     p.add_argument("--url", required=True, help="HOST:PORT (or http://, grpc://)")
@@ -456,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except RequestError as exc:
+    except (RequestError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

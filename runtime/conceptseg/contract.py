@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from conceptseg import limits
 from conceptseg.config import PipelineConfig
-from conceptseg.mosaic import MAX_REFERENCES, validate_reference
+from conceptseg.mosaic import validate_reference
 from conceptseg.types import Box, Reference, Request, RequestError, Result
 
 CONTRACT_VERSION = 1
@@ -119,15 +120,6 @@ class Options:
         return json.dumps(asdict(self))
 
 
-@dataclass
-class Instance:
-    """One SAM 3 instance of the final call: score, xyxy box (target pixels), bool (H, W) mask."""
-
-    score: float
-    bbox: Box
-    mask: np.ndarray
-
-
 # --- checks shared by both directions -----------------------------------------------------------
 
 
@@ -157,12 +149,7 @@ def _bytes(value: Any, name: str) -> bytes:
 
 def decode_image(data: bytes, name: str, cfg: PipelineConfig) -> Image.Image:
     """Encoded PNG/JPEG -> RGB image, checking size limits before decoding the pixels."""
-    if len(data) == 0:
-        raise RequestError(name, "zero-size image (0 bytes); send an encoded PNG or JPEG")
-    if len(data) > cfg.max_image_bytes:
-        raise RequestError(
-            name, f"{len(data)} bytes is over the limit of {cfg.max_image_bytes}; downscale it"
-        )
+    limits.check_bytes(name, len(data), cfg)
     try:
         image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -170,12 +157,7 @@ def decode_image(data: bytes, name: str, cfg: PipelineConfig) -> Image.Image:
     w, h = image.size
     if image.format not in IMAGE_FORMATS:
         raise RequestError(name, f"format {image.format} is not accepted; send PNG or JPEG")
-    if w == 0 or h == 0:
-        raise RequestError(name, f"zero-size image ({w}x{h}); send a non-empty image")
-    if w * h > cfg.max_image_pixels:
-        raise RequestError(
-            name, f"{w}x{h} is over the limit of {cfg.max_image_pixels} pixels; downscale it"
-        )
+    limits.check_pixels(name, w, h, cfg)
     try:
         image.load()
         return image.convert("RGB")
@@ -229,8 +211,7 @@ def _references(arrays: dict[str, np.ndarray], cfg: PipelineConfig) -> tuple[Ref
         )
         raise RequestError(missing, f"{given} was sent without {missing}; send both or neither")
     n = images.shape[1]
-    if n > MAX_REFERENCES:
-        raise RequestError("ref_images", f"got {n} references; give 0 to {MAX_REFERENCES}")
+    limits.check_reference_count("ref_images", n)
     if boxes.shape[1] != n:
         raise RequestError("ref_boxes", f"{boxes.shape[1]} boxes for {n} ref_images; one box each")
     refs = []
@@ -243,7 +224,7 @@ def _references(arrays: dict[str, np.ndarray], cfg: PipelineConfig) -> tuple[Ref
         try:
             validate_reference(ref, i)
         except RequestError as exc:  # same rule, named by the tensor the client sent
-            raise RequestError(f"ref_boxes[{i}]", str(exc).split(": ", 1)[1]) from None
+            raise RequestError(f"ref_boxes[{i}]", exc.message) from None
         refs.append(ref)
     return tuple(refs)
 
@@ -265,12 +246,7 @@ def from_request_arrays(
         question = _bytes(arrays["prompt"][0, 0], "prompt").decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError("prompt", "not valid UTF-8; send UTF-8 text") from None
-    if not question.strip():
-        raise RequestError("prompt", "empty; give the concept to segment, e.g. 'red car'")
-    if len(question) > cfg.max_prompt_chars:
-        raise RequestError(
-            "prompt", f"{len(question)} characters, over the limit of {cfg.max_prompt_chars}"
-        )
+    limits.check_prompt(question, cfg)
     options = Options()
     if "options" in arrays:
         raw = _bytes(arrays["options"][0, 0], "options")
@@ -350,17 +326,10 @@ def decode_mask(data: bytes, fmt: str) -> np.ndarray:
 # --- response: server -> client -----------------------------------------------------------------
 
 
-def to_response_arrays(
-    result: Result, options: Options, instances: list[Instance] | None = None
-) -> dict[str, np.ndarray]:
-    instances = instances or []
+def to_response_arrays(result: Result, options: Options) -> dict[str, np.ndarray]:
     info = result.to_json()
-    info.update(
-        contract=CONTRACT_VERSION,
-        mask_format=options.mask_format,
-        instances=[{"score": i.score, "bbox": list(i.bbox)} for i in instances],
-    )
-    masks = [encode_mask(i.mask, options.mask_format) for i in instances]
+    info.update(contract=CONTRACT_VERSION, mask_format=options.mask_format)
+    masks = [encode_mask(i.mask, options.mask_format) for i in result.instances]
     return {
         "mask": np.array([[encode_mask(result.mask, options.mask_format)]], dtype=np.object_),
         "result": np.array([[json.dumps(info).encode()]], dtype=np.object_),

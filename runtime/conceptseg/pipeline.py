@@ -15,49 +15,43 @@ from typing import Any
 
 import numpy as np
 
-from conceptseg import prompt, router, tags
-from conceptseg.backends.base import CTMBackend, MLLMBackend, SegBackend
+from conceptseg import limits, prompt, router, tags
 from conceptseg.config import PipelineConfig
 from conceptseg.masks import logits_to_mask
 from conceptseg.mosaic import (
     CANVAS,
-    MAX_REFERENCES,
     TILE,
     build_mosaic,
     from_canvas,
     resize_target,
     validate_reference,
 )
-from conceptseg.types import Answer, Box, Request, RequestError, Result
+from conceptseg.protocols import CTMBackend, MLLMBackend, SegBackend, SegOutput
+from conceptseg.types import Answer, Box, Instance, Request, Result
 
 
 def check_request(request: Request, cfg: PipelineConfig) -> None:
     """Raise :class:`RequestError` naming the field for anything the pipeline cannot run on."""
-    w, h = request.image.size
-    if w == 0 or h == 0:
-        raise RequestError("image", f"zero-size image ({w}x{h}); give a non-empty image")
-    if w * h > cfg.max_image_pixels:
-        raise RequestError(
-            "image", f"{w}x{h} is over the limit of {cfg.max_image_pixels} pixels; downscale it"
-        )
-    question = request.question
-    if not isinstance(question, str) or not question.strip():
-        raise RequestError("prompt", "empty; give the concept to segment, e.g. 'red car'")
-    if len(question) > cfg.max_prompt_chars:
-        raise RequestError(
-            "prompt", f"{len(question)} characters, over the limit of {cfg.max_prompt_chars}"
-        )
-    if len(request.references) > MAX_REFERENCES:
-        raise RequestError(
-            "references", f"got {len(request.references)}; give 0 to {MAX_REFERENCES}"
-        )
+    limits.check_pixels("image", *request.image.size, cfg)
+    limits.check_prompt(request.question, cfg)
+    limits.check_reference_count("references", len(request.references))
     for i, ref in enumerate(request.references):
-        rw, rh = ref.image.size
-        if rw * rh > cfg.max_image_pixels:
-            raise RequestError(
-                f"references[{i}]", f"{rw}x{rh} is over the limit of {cfg.max_image_pixels} pixels"
-            )
+        limits.check_pixels(f"references[{i}]", *ref.image.size, cfg)
         validate_reference(ref, i)
+
+
+def instance_list(out: SegOutput, size_hw: tuple[int, int], threshold: float) -> list[Instance]:
+    """SAM 3's instances scoring >= ``threshold``, boxes and masks in target pixels (H, W)."""
+    assert out.instance_logits is not None and out.scores is not None and out.boxes is not None, (
+        "segment(..., instances=True) first"
+    )
+    h, w = size_hw
+    found = []
+    for score, box, logits in zip(out.scores, out.boxes, out.instance_logits, strict=False):
+        if score >= threshold:
+            x1, y1, x2, y2 = (float(v) for v in np.clip(box, 0, 1) * (w, h, w, h))
+            found.append(Instance(float(score), (x1, y1, x2, y2), logits_to_mask(logits, size_hw)))
+    return found
 
 
 @dataclass
@@ -100,10 +94,17 @@ class Pipeline:
         self.cfg = config or PipelineConfig()
         self.versions = versions or {}
 
-    def run(self, request: Request, on_text: Callable[[str], None] | None = None) -> Result:
+    def run(
+        self,
+        request: Request,
+        on_text: Callable[[str], None] | None = None,
+        instances: float | None = None,
+    ) -> Result:
         """One request; ``on_text`` receives the MLLM's reasoning text in deltas as it is
-        generated (never called on the fast path)."""
+        generated (never called on the fast path); ``instances``: a score threshold, to return
+        SAM 3's instances of the call that made the mask (``Result.instances``)."""
         cfg, clock = self.cfg, _Clock()
+        want = instances is not None
         check_request(request, cfg)
         question = request.question.strip()
         size_hw = (request.image.height, request.image.width)
@@ -116,14 +117,17 @@ class Pipeline:
         if cfg.router and threshold < 1:
             sam_text = router.strip(question) if cfg.strip_parentheticals else question
             with clock.step("router_probe"):
-                probe = self.seg.segment(features, sam_text)
+                probe = self.seg.segment(features, sam_text, instances=want)
             presence = probe.presence
             accepted = presence >= threshold if cfg.inclusive_threshold else presence > threshold
             if accepted:
                 # 3') fast path: SAM 3's own mask
                 with clock.step("postprocess"):
                     mask = logits_to_mask(probe.semantic_logits, size_hw)
-                return self._result(mask, "fast", presence, threshold, clock, Answer(), "")
+                    found = instance_list(probe, size_hw, instances) if want else []
+                result = self._result(mask, "fast", presence, threshold, clock, Answer(), "")
+                result.instances = found
+                return result
         # 3) reference mosaic and the reference prompt; images go in as [mosaic, target]
         with clock.step("prompt"):
             mosaic = build_mosaic(request.references) if request.references else None
@@ -143,10 +147,12 @@ class Pipeline:
             concept = self.ctm(generation.hidden) if len(generation.hidden) else None
         # 7) SAM 3 on the same image features, concept tokens prepended to the answer's text
         with clock.step("sam3_segment"):
-            out = self.seg.segment(features, answer.answer, concept)
+            out = self.seg.segment(features, answer.answer, concept, instances=want)
         with clock.step("postprocess"):
             mask = logits_to_mask(out.semantic_logits, size_hw)
+            found = instance_list(out, size_hw, instances) if want else []
         result = self._result(mask, "reason", presence, threshold, clock, answer, generation.text)
+        result.instances = found
         result.bbox = self._target_box(answer.bbox, request)
         result.check = self._check_box(answer.check, request, mosaic)
         result.tokens = len(generation.token_ids)

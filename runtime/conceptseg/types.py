@@ -26,7 +26,16 @@ class RequestError(ValueError):
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        self.field, self.message = field_name, message
+
+
+class UsageError(ValueError):
+    """A command-line, file or environment mistake (not a request field): the CLI prints
+    ``error: <argument>: <message>`` and exits 2."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+        self.argument, self.message = argument, message
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,15 @@ class Request:
 
 
 @dataclass
+class Instance:
+    """One SAM 3 instance of the final call: score, xyxy box (target pixels), bool (H, W) mask."""
+
+    score: float
+    bbox: Box
+    mask: np.ndarray
+
+
+@dataclass
 class Result:
     """The pipeline's answer for one request. Boxes are in original target-image pixels."""
 
@@ -74,6 +92,7 @@ class Result:
     tokens: int = 0  # generated tokens (reason route)
     timings_ms: dict[str, float] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    instances: list[Instance] = field(default_factory=list)  # when asked for, score >= threshold
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,4 +111,5 @@ class Result:
             "text": self.text,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "versions": self.versions,
+            "instances": [{"score": i.score, "bbox": list(i.bbox)} for i in self.instances],
         }

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conceptseg_export.trt_runtime import TENSORRT_PIN
+from conceptseg.backends.trt import TENSORRT_PIN
 
 trt = pytest.importorskip(
     "tensorrt",
@@ -30,9 +30,9 @@ pytestmark = pytest.mark.skipif(
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from conceptseg.backends.trt import TensorRTSession  # noqa: E402
 from conceptseg_export import trt_build  # noqa: E402
 from conceptseg_export.trt_build import BuildConfig, BuildError  # noqa: E402
-from conceptseg_export.trt_runtime import TensorRTSession  # noqa: E402
 
 WIDTH = 8
 

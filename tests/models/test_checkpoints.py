@@ -12,14 +12,14 @@ from safetensors import safe_open
 
 from conceptseg.checkpoints import (
     MLLM_SIZES,
-    check_weights,
     load_ctm,
     mllm_config,
     read_tensors,
     sam3_config,
     synth,
 )
-from conceptseg.types import RequestError
+from conceptseg.types import RequestError, UsageError
+from conceptseg.weights import check_weights
 
 
 def test_layout_and_key_prefixes(tiny_weights):
@@ -91,17 +91,17 @@ def test_real_size_architectures():
 
 
 def test_bad_weight_dirs(tmp_path, tiny_weights):
-    with pytest.raises(RequestError, match="--weights: .* is not a directory"):
+    with pytest.raises(UsageError, match="--weights: .* is not a directory"):
         check_weights(tmp_path / "nope")
     (tmp_path / "empty" / "mllm").mkdir(parents=True)
-    with pytest.raises(RequestError, match=r"--weights \(mllm\): .* lacks config.json"):
+    with pytest.raises(UsageError, match=r"--weights \(mllm\): .* lacks config.json"):
         check_weights(tmp_path / "empty")
     swapped = tmp_path / "swapped"
     shutil.copytree(tiny_weights / "sam3", swapped / "mllm")
     shutil.copytree(tiny_weights / "sam3", swapped / "sam3")
     for name in ("tokenizer_config.json", "preprocessor_config.json"):
         (swapped / "mllm" / name).write_text("{}")
-    with pytest.raises(RequestError, match="model_type 'sam3', expected 'qwen2_5_vl'"):
+    with pytest.raises(UsageError, match="model_type 'sam3', expected 'qwen2_5_vl'"):
         check_weights(swapped)
     with pytest.raises(RequestError, match="no CTM weights"):
         load_ctm(swapped / "mllm")

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from conceptseg.backends.ctm import ConceptTranslationModule
 from conceptseg.checkpoints import nn_init_ctm
+from conceptseg.models.ctm import ConceptTranslationModule
 
 
 def _ctm(q=4, h=32):

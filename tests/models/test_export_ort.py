@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conceptseg.backends import build_pipeline, ort
-from conceptseg.backends.engines import bucket, build_prompt, pad_hidden
+from conceptseg.backends import ort
 from conceptseg.backends.ort import OrtGraph
-from conceptseg.backends.torch_sam3 import TorchSam3, geometry_padding, preprocess
+from conceptseg.backends.torch_ref import TorchSam3, geometry_padding
+from conceptseg.build import build_pipeline
 from conceptseg.checkpoints import load_ctm
 from conceptseg.config import PipelineConfig
 from conceptseg.masks import iou
+from conceptseg.models.engines import bucket, pad_hidden
+from conceptseg.models.sam3_inputs import build_prompt, preprocess
 from conceptseg.pipeline import Pipeline
 from conceptseg.samples import sample_request, sample_target
 from conceptseg.types import Request

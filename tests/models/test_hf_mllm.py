@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conceptseg.backends.hf_mllm import VISION_TOKEN_IDS, HfMllm, apply_repetition_penalty
+from conceptseg.backends.hf_mllm import HfMllm
+from conceptseg.models.qwen import VISION_TOKEN_IDS
+from conceptseg.models.qwen_torch import apply_repetition_penalty
 from conceptseg.mosaic import build_mosaic, resize_target
 from conceptseg.prompt import messages
 from conceptseg.samples import sample_request
@@ -107,7 +109,7 @@ def test_repetition_penalty_rule():
 
 
 def test_bf16_precision_loads_bf16_and_reasons(tiny_weights):
-    from conceptseg.backends import build_pipeline
+    from conceptseg.build import build_pipeline
     from conceptseg.config import from_name
 
     config = from_name("test", max_new_tokens=4, router=False)
@@ -120,7 +122,7 @@ def test_bf16_precision_loads_bf16_and_reasons(tiny_weights):
 
 @pytest.mark.parametrize("backend, precision", [("hf", "int4"), ("ort-genai", "bf16")])
 def test_precision_the_backend_does_not_have_is_refused(tiny_weights, tmp_path, backend, precision):
-    from conceptseg.backends import build_pipeline
+    from conceptseg.build import build_pipeline
     from conceptseg.types import RequestError
 
     with pytest.raises(RequestError, match=f"--mllm-precision: '{precision}' is not one of"):

@@ -50,7 +50,8 @@ with warnings.catch_warnings():  # sam3 warns at import that CUDA autocast is of
 
 from PIL import Image
 
-from conceptseg.backends.torch_sam3 import Sam3Tokenizer, TorchSam3, geometry_padding
+from conceptseg.backends.torch_ref import TorchSam3, geometry_padding
+from conceptseg.models.sam3_inputs import Sam3Tokenizer
 from conceptseg.sam3_convert import (
     check_complete,
     convert_checkpoint,
@@ -137,7 +138,7 @@ def meta_model():
 def hf_model(meta_model):
     from transformers import Sam3Model
 
-    from conceptseg.backends.hf_mllm import quiet_transformers
+    from conceptseg.models.qwen import quiet_transformers
 
     quiet_transformers()
     state = meta_to_hf(meta_model.state_dict(), prefix="")
@@ -152,7 +153,7 @@ def hf_model(meta_model):
 def tokenizer(tmp_path_factory) -> Sam3Tokenizer:
     directory = tmp_path_factory.mktemp("clip_tokenizer")
     write_clip_tokenizer(directory)
-    return Sam3Tokenizer(directory)
+    return Sam3Tokenizer.from_checkpoint(directory)
 
 
 @pytest.fixture(scope="module")

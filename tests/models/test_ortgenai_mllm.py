@@ -20,11 +20,13 @@ import torch
 from PIL import ImageDraw
 from safetensors.torch import load_file, save_file
 
-from conceptseg.backends.hf_mllm import VISION_TOKEN_IDS, HfMllm, PrefixCache, prefix_split
+from conceptseg.backends.hf_mllm import HfMllm, PrefixCache, prefix_split
+from conceptseg.models import qwen_torch
+from conceptseg.models.qwen import VISION_TOKEN_IDS, next_token
 
 og = pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai==0.18.0")
 
-from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm, next_token  # noqa: E402
+from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm  # noqa: E402
 from conceptseg_export.mllm_export import (  # noqa: E402
     GENAI_VERSION,
     compare_generations,
@@ -131,7 +133,7 @@ def test_total_length_cap(fp32, monkeypatch):
 
 
 def test_decision_rule_matches_hf():
-    """Penalty (both signs, repeated ids), suppression and first-max ties, as HfMllm._next_token."""
+    """numpy rule vs its torch twin: penalty (both signs, repeated ids), suppression, first-max ties."""
     rng = np.random.default_rng(0)
     hf_rule = types.SimpleNamespace(repetition_penalty=1.05)
     for trial in range(50):
@@ -142,8 +144,8 @@ def test_decision_rule_matches_hf():
             logits[VISION_TOKEN_IDS[trial % 5]] = 50.0  # a vision token on top: suppressed
         if trial % 7 == 0:
             logits[[3, 9]] = 60.0  # a tie: the first index wins
-        ref = HfMllm._next_token(
-            hf_rule, torch.from_numpy(logits)[None], torch.from_numpy(seen)[None]
+        ref = qwen_torch.next_token(
+            torch.from_numpy(logits)[None], torch.from_numpy(seen)[None], hf_rule.repetition_penalty
         )
         assert next_token(logits, seen, 1.05, VISION_TOKEN_IDS) == ref, trial
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conceptseg.backends import build_pipeline
+from conceptseg.build import build_pipeline
 from conceptseg.config import PipelineConfig
 from conceptseg.pipeline import Pipeline
 from conceptseg.samples import sample_request

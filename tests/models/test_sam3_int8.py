@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conceptseg.backends import build_pipeline
+from conceptseg.build import build_pipeline
 from conceptseg.cli import main
 from conceptseg.config import from_name
 from conceptseg.masks import iou
@@ -94,7 +94,7 @@ def test_misuse_is_refused(tiny_weights, tiny_engines, engines, tmp_path):
 
 
 def test_served_repository_runs_the_int8_graph(engines, tmp_path):
-    from conceptseg_triton import fill_template as ft
+    from conceptseg.serving import repository as ft
 
     opts = ft.RepoOptions(sam3_precision="int8")
     repo = ft.build_repository("cpu", engines, tmp_path / "cpu", opts)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conceptseg.backends.torch_sam3 import TorchSam3
+from conceptseg.backends.torch_ref import TorchSam3
 from conceptseg.samples import sample_target
 
 

@@ -26,7 +26,7 @@ CONFIG = from_name(
 @pytest.fixture(scope="session")
 def triton(tiny_engines):
     pytest.importorskip("tritonclient")
-    from conceptseg.serve import ServeConfig, Server, find_triton, free_port
+    from conceptseg.serving.server import ServeConfig, Server, find_triton, free_port
     from conceptseg.types import RequestError
 
     try:
@@ -51,6 +51,6 @@ def triton(tiny_engines):
 
 @pytest.fixture(scope="session")
 def reference(tiny_weights, tiny_engines):
-    from conceptseg.backends import build_pipeline
+    from conceptseg.build import build_pipeline
 
     return build_pipeline(tiny_weights, backend="onnxruntime", engines=tiny_engines, config=CONFIG)

@@ -7,7 +7,7 @@ Run: .venv/bin/pytest tests/server/test_repository.py -q
 
 import json
 
-from conceptseg_triton import fill_template as ft
+from conceptseg.serving import repository as ft
 
 
 def test_gpu_repository_agrees_with_the_exported_manifests(tiny_engines, tmp_path, plan_records):

@@ -61,7 +61,7 @@ def test_client_rejected_request_exits_2_with_the_servers_message(triton, files,
 
 
 def test_client_unreachable_server_is_one_line(files, tmp_path, capsys):
-    from conceptseg.serve import free_port
+    from conceptseg.serving.server import free_port
 
     argv = ["client", "--url", f"127.0.0.1:{free_port()}", "--image", str(files / "target.png")]
     with pytest.raises(SystemExit) as info:
@@ -71,11 +71,11 @@ def test_client_unreachable_server_is_one_line(files, tmp_path, capsys):
 
 
 def test_serve_starts_answers_and_stops_on_ctrl_c(tiny_weights, tiny_engines, triton):
-    from conceptseg.backends import build_pipeline
+    from conceptseg.build import build_pipeline
     from conceptseg.client import Client
     from conceptseg.config import from_name
     from conceptseg.samples import sample_request
-    from conceptseg.serve import free_port
+    from conceptseg.serving.server import free_port
 
     ports = [str(free_port()) for _ in range(3)]
     command = [sys.executable, "-m", "conceptseg.cli", "serve", "--engines", str(tiny_engines)]
@@ -127,7 +127,7 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tiny_weights, tiny_engines, tr
 
 
 def test_every_address_is_loopback_unless_asked(tmp_path):
-    from conceptseg.serve import ServeConfig, _command
+    from conceptseg.serving.server import ServeConfig, _command
 
     command = _command(ServeConfig(engines=tmp_path), tmp_path / "bin", tmp_path, tmp_path)
     addresses = [a for a in command if "-address=" in a]

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conceptseg import contract
 from conceptseg.config import PipelineConfig
-from conceptseg.contract import Instance, Options
-from conceptseg.types import Answer, RequestError, Result
+from conceptseg.contract import Options
+from conceptseg.types import Answer, Instance, RequestError, Result
 
 CFG = PipelineConfig(max_prompt_chars=50, max_image_pixels=200 * 200, max_image_bytes=60_000)
 
@@ -170,7 +170,9 @@ def result():
 @pytest.mark.parametrize("fmt", contract.MASK_FORMATS)
 def test_round_trip_response(fmt):
     inst = [Instance(0.9, (1.0, 2.0, 30.0, 40.0), np.eye(48, 64, dtype=bool))]
-    out = contract.to_response_arrays(result(), Options(mask_format=fmt), inst)
+    served = result()
+    served.instances = inst
+    out = contract.to_response_arrays(served, Options(mask_format=fmt))
     assert {n: a.shape for n, a in out.items()} == {
         "mask": (1, 1),
         "result": (1, 1),

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conceptseg import contract
-from conceptseg_triton import fill_template as ft
+from conceptseg.serving import repository as ft
 
 
 def test_fill_replaces_every_slot():

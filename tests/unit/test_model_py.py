@@ -17,8 +17,9 @@ from unittest.mock import MagicMock
 import numpy as np
 import pytest
 
-from conceptseg.backends import triton as glue
-from conceptseg.backends.base import Generation
+from conceptseg.protocols import Generation
+from conceptseg.serving import glue, mllm, mllm_model, orchestrator
+from conceptseg.serving.bls import EngineError
 from conceptseg.types import RequestError
 
 REPO = Path(__file__).resolve().parents[2] / "triton_repo" / "conceptseg_triton"
@@ -191,18 +192,18 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     from PIL import Image
 
     fake = FakeMllm()
-    monkeypatch.setattr(glue, "build_mllm", lambda params, config: fake)
+    monkeypatch.setattr(mllm_model, "build_mllm", lambda params, config: fake)
     model = load("mllm")
     params = dict(mllm_backend="hf", mllm_path="/w", prefix_cache="4", pipeline_config="{}")
     model.initialize(args("mllm", decoupled=True, **params))
-    good = glue.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    good = mllm.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
     stream = dict(good, stream=np.array([True]))
-    bad = glue.to_mllm_arrays([{"role": "user", "content": "boom"}], [])
+    bad = mllm.to_mllm_arrays([{"role": "user", "content": "boom"}], [])
     requests = [MockRequest(good), MockRequest(stream), MockRequest(bad)]
     assert model.execute(requests) is None, "decoupled: responses go through the senders"
     texts, final = streamed(requests[0])
     assert texts == [] and final.error is None
-    generation = glue.generation_from_arrays({n: final.output(n) for n in glue.MLLM_OUTPUTS})
+    generation = mllm.generation_from_arrays({n: final.output(n) for n in mllm.MLLM_OUTPUTS})
     assert generation.text == "<answer>mug</answer>" and generation.token_ids == [1, 2]
     assert generation.hidden.shape == (2, 4) and generation.stopped and generation.decode_ms == 2.5
     assert fake.calls[0] == ([{"role": "user", "content": "hi"}], [(6, 4)])
@@ -222,11 +223,11 @@ class GoneSender(MockSender):
 def test_mllm_model_survives_a_request_it_cannot_answer(pb_utils, monkeypatch):
     from PIL import Image
 
-    monkeypatch.setattr(glue, "build_mllm", lambda params, config: FakeMllm())
+    monkeypatch.setattr(mllm_model, "build_mllm", lambda params, config: FakeMllm())
     model = load("mllm")
     params = dict(mllm_backend="hf", mllm_path="/w", prefix_cache="4", pipeline_config="{}")
     model.initialize(args("mllm", decoupled=True, **params))
-    good = glue.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    good = mllm.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
     gone = MockRequest(dict(good, stream=np.array([True])), sender=GoneSender())
     after = MockRequest(good)
     assert model.execute([gone, after]) is None
@@ -246,17 +247,17 @@ class FakeBls:
 
 def test_triton_mllm_reads_deltas_then_the_generation():
     gen = Generation("ab", [1, 2], np.ones((2, 4), np.float32), 10, True, 1.0, 2.0)
-    final = glue.generation_to_arrays(gen)
+    final = mllm.generation_to_arrays(gen)
     text = [{"text": np.array([d.encode()], dtype=object)} for d in ("a", "b")]
     bls, pieces = FakeBls([*text, final]), []
-    out = glue.TritonMllm(bls).generate([{"role": "user", "content": "x"}], [], pieces.append)
+    out = mllm.TritonMllm(bls).generate([{"role": "user", "content": "x"}], [], pieces.append)
     assert pieces == ["a", "b"] and out.text == "ab" and out.token_ids == [1, 2]
     assert bls.inputs["stream"].tolist() == [True]
     quiet = FakeBls([final])
-    glue.TritonMllm(quiet).generate([{"role": "user", "content": "x"}], [])
+    mllm.TritonMllm(quiet).generate([{"role": "user", "content": "x"}], [])
     assert quiet.inputs["stream"].tolist() == [False]
-    with pytest.raises(glue.EngineError, match="ended without the generation"):
-        glue.TritonMllm(FakeBls(text)).generate([{"role": "user", "content": "x"}], [])
+    with pytest.raises(EngineError, match="ended without the generation"):
+        mllm.TritonMllm(FakeBls(text)).generate([{"role": "user", "content": "x"}], [])
 
 
 class FakeOrchestrator:
@@ -274,7 +275,7 @@ class FakeOrchestrator:
             on_text("thinking about ")
             on_text(prompt.decode())
         if prompt == b"boom":
-            raise glue.EngineError("ctm: model 'ctm' is not ready")
+            raise EngineError("ctm: model 'ctm' is not ready")
         assert self.bls.loop is not None, "execute binds the running loop before the pipeline runs"
         return {
             "mask": np.array([[b"png"]], dtype=object),
@@ -283,8 +284,8 @@ class FakeOrchestrator:
 
 
 def test_orchestrator_one_response_per_request(pb_utils, monkeypatch):
-    monkeypatch.setattr(glue, "Orchestrator", FakeOrchestrator)
-    monkeypatch.setattr(glue, "serving_versions", lambda engines, params: {})
+    monkeypatch.setattr(orchestrator, "Orchestrator", FakeOrchestrator)
+    monkeypatch.setattr(orchestrator, "serving_versions", lambda engines, params: {})
     model = load("conceptseg")
     model.initialize(args("conceptseg", engines="/e", profile="cpu", pipeline_config="{}"))
     requests = [
@@ -303,8 +304,8 @@ def test_orchestrator_one_response_per_request(pb_utils, monkeypatch):
 
 
 def test_streaming_orchestrator_sends_deltas_then_one_final_response(pb_utils, monkeypatch):
-    monkeypatch.setattr(glue, "Orchestrator", FakeOrchestrator)
-    monkeypatch.setattr(glue, "serving_versions", lambda engines, params: {})
+    monkeypatch.setattr(orchestrator, "Orchestrator", FakeOrchestrator)
+    monkeypatch.setattr(orchestrator, "serving_versions", lambda engines, params: {})
     model = load("conceptseg")  # the same model.py serves conceptseg_stream
     params = dict(engines="/e", profile="cpu", pipeline_config="{}")
     model.initialize(args("conceptseg_stream", decoupled=True, **params))

@@ -105,7 +105,7 @@ def test_supported_ops_table_names_its_source():
     source = table["source"]
     assert source["repository"] == "onnx/onnx-tensorrt" and source["file"] == "docs/operators.md"
     assert len(source["commit"]) == 40
-    from conceptseg_export.trt_runtime import TENSORRT_PIN
+    from conceptseg.backends.trt import TENSORRT_PIN
 
     assert table["tensorrt_version"] == TENSORRT_PIN, "regenerate the table when the pin moves"
     supported = set(table["supported_ops"])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptseg.backends.base import Generation, SegOutput
 from conceptseg.config import PipelineConfig
 from conceptseg.pipeline import Pipeline
+from conceptseg.protocols import Generation, SegOutput
 from conceptseg.types import Reference, Request, RequestError
 
 SCRIPT = "<think>t</think> <rule>r</rule><check>[30, 60, 150, 120]</check> <bbox>[300, 150, 600, 450]</bbox> <answer>the mug</answer>"
@@ -38,7 +38,7 @@ class FixedSeg:
         self.encoded += 1
         return ("features", image.size)
 
-    def segment(self, features, text, concept=None):
+    def segment(self, features, text, concept=None, instances=False):
         assert features[0] == "features"
         self.prompts.append((text, None if concept is None else concept.shape))
         logits = -np.ones((8, 8), np.float32)

@@ -18,9 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conceptseg_export import trt_build, trt_runtime
+from conceptseg.backends.trt import TENSORRT_PIN, pick_profile
+from conceptseg_export import trt_build, trt_verify
 from conceptseg_export.trt_build import BuildConfig, BuildError, DimRule, profiles_for
-from conceptseg_export.trt_runtime import TENSORRT_PIN, pick_profile
 
 # What `conceptseg export` writes for two of the graphs (shapes as in export/onnx_export.py).
 HEADS = {
@@ -124,12 +124,12 @@ def test_rules_are_data_and_unknown_dims_fail_loudly():
 def test_random_feeds_follow_the_manifest_and_feed_rules():
     shapes = {n: s[1] for n, s in profiles_for("sam3_heads", HEADS)[1].shapes.items()}  # opt
     shapes["fpn0"] = (4, 256, 8, 8)  # keep the test light
-    feeds = trt_runtime.random_feeds(HEADS["inputs"], shapes, seed=0)
+    feeds = trt_verify.random_feeds(HEADS["inputs"], shapes, seed=0)
     assert feeds["fpn0"].shape == (4, 256, 8, 8) and feeds["fpn0"].dtype == np.float32
     assert feeds["prompt_mask"].dtype == np.int64 and feeds["prompt_mask"][:, 0].all()
     assert set(np.unique(feeds["prompt_mask"])) <= {0, 1}
     assert (feeds["box_labels"] == -10).all() and not feeds["boxes"].any()
-    again = trt_runtime.random_feeds(HEADS["inputs"], shapes, seed=0)
+    again = trt_verify.random_feeds(HEADS["inputs"], shapes, seed=0)
     assert all(np.array_equal(feeds[n], again[n]) for n in feeds), "seeded: reproducible"
 
 
@@ -137,10 +137,10 @@ def test_compare_applies_rtol_and_atol_elementwise():
     ref = {"y": np.array([1.0, 100.0, 0.0], np.float32)}
     close = {"y": np.array([1.0005, 100.05, 5e-5], np.float32)}
     far = {"y": np.array([1.0, 100.0, 1e-3], np.float32)}
-    assert trt_runtime.compare(ref, close, rtol=1e-3, atol=1e-4)["y"]["passed"]
-    report = trt_runtime.compare(ref, far, rtol=1e-3, atol=1e-4)["y"]
+    assert trt_verify.compare(ref, close, rtol=1e-3, atol=1e-4)["y"]["passed"]
+    report = trt_verify.compare(ref, far, rtol=1e-3, atol=1e-4)["y"]
     assert not report["passed"] and report["mismatched_fraction"] == pytest.approx(1 / 3)
-    shape = trt_runtime.compare(ref, {"y": np.zeros(2)}, 1e-3, 1e-4)["y"]
+    shape = trt_verify.compare(ref, {"y": np.zeros(2)}, 1e-3, 1e-4)["y"]
     assert not shape["passed"] and "shape" in shape["error"]
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -32,39 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conceptseg.backends.base import Generation
+from conceptseg.models import qwen, qwen_torch
+from conceptseg.models.qwen import VISION_END_ID
+from conceptseg.protocols import Generation
 from conceptseg.textstream import OnText, tokenizer_stream
 
-VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
-VISION_END_ID = 151653
-
-
-def quiet_transformers() -> None:
-    """Load reports list the CTM keys as "unexpected" for the MLLM class; they are expected here."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_qwen(directory: Path, dtype: torch.dtype) -> Any:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    quiet_transformers()
+    qwen.quiet_transformers()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=dtype)
     return model.eval()
-
-
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: float
-) -> torch.Tensor:
-    """transformers' rule: logits of already-seen ids are divided (>0) or multiplied (<0)."""
-    if penalty == 1.0:
-        return logits
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(-1, seen, picked)
 
 
 class PrefixCache:
@@ -103,44 +83,33 @@ def prefix_split(inputs: Any) -> int:
 
 
 class HfMllm:
-    """``generate(messages, images) -> Generation`` on a local ConceptSeg-R1 checkpoint."""
+    """``generate(messages, images) -> Generation`` on a local ConceptSeg-R1 checkpoint.
+
+    The exact reference: one request at a time (a ``generate`` call holds the model to the end),
+    in fp32 (``precision="bf16"`` halves the memory). Concurrent requests are batched by the
+    ort-genai and trtllm backends, not here.
+    """
 
     def __init__(
         self,
         directory: Path,
         *,
-        dtype: torch.dtype = torch.float32,
+        precision: str = "fp32",
         max_new_tokens: int = 768,
         max_length: int = 2816,
         prefix_cache: int = 0,
     ) -> None:
-        from transformers import AutoProcessor
-
         self.directory = Path(directory)
-        self.model = load_qwen(self.directory, dtype)
-        self.processor = AutoProcessor.from_pretrained(self.directory)
-        gen = (
-            json.loads((self.directory / "generation_config.json").read_text())
-            if (self.directory / "generation_config.json").exists()
-            else {}
-        )
-        eos = gen.get("eos_token_id", self.model.config.text_config.eos_token_id)
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
-        self.repetition_penalty = float(gen.get("repetition_penalty", 1.0))
+        self.model = load_qwen(self.directory, DTYPES[precision])
+        self.processor = qwen.load_processor(self.directory)
+        rule = qwen.stop_rule(self.directory)
+        self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
 
     def prompt_inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
-        text = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.processor(text=[text], images=images, return_tensors="pt")
-
-    def _next_token(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
-        logits = apply_repetition_penalty(logits.float(), seen, self.repetition_penalty)
-        logits[..., list(VISION_TOKEN_IDS)] = -torch.inf
-        return int(logits.argmax(-1))
+        return qwen.chat_inputs(self.processor, messages, images, tensors="pt")
 
     def _prefill_with_prefix(self, inputs: Any, split: int, mosaic: Image.Image) -> Any:
         """Prefill ``input_ids[:, split:]`` (and the images after the first) on top of the
@@ -214,7 +183,7 @@ class HfMllm:
         # 2) decode: each chosen token is fed back once; its output state is the CTM's key for it
         t1 = time.perf_counter()
         while len(tokens) < budget:
-            token = self._next_token(logits, seen)
+            token = qwen_torch.next_token(logits, seen, self.repetition_penalty)
             tokens.append(token)
             if stream is not None:
                 stream.push(token)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from conceptseg.backends.engines import EngineCtm, EngineSam3
+from conceptseg.models.engines import EngineCtm, EngineSam3, vision_graph
 from conceptseg.types import RequestError
 
 
@@ -49,16 +49,6 @@ class OrtGraph:
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
-
-
-SAM3_PRECISIONS = ("fp32", "int8")  # int8: the vision encoder only (sam3_vision.int8.onnx)
-
-
-def vision_graph(precision: str) -> str:
-    """The file stem of the image encoder for ``precision``."""
-    if precision not in SAM3_PRECISIONS:
-        raise RequestError("--sam3-precision", f"{precision!r} is not one of {SAM3_PRECISIONS}")
-    return "sam3_vision" if precision == "fp32" else "sam3_vision.int8"
 
 
 def ort_sam3(engines: Path, threads: int | None = None, precision: str = "fp32") -> EngineSam3:

@@ -8,8 +8,8 @@ model sees exactly the hf backend's ``input_ids`` and ``pixel_values``; ort-gena
 3D M-RoPE positions from ``input_ids`` and ``image_grid_thw`` as transformers' ``get_rope_index``.
 
 Decoding is the hf backend's, step by step: ort-genai's search has a repetition penalty but no
-way to suppress tokens, so the loop reads ``get_logits()``, applies :func:`next_token` (the same
-rule as ``HfMllm._next_token``: penalty, vision tokens suppressed, argmax) and feeds the choice
+way to suppress tokens, so the loop reads ``get_logits()``, applies ``models.qwen.next_token``
+(the hf backend's rule: penalty, vision tokens suppressed, argmax) and feeds the choice
 back with ``append_tokens``; that step's ``get_output("hidden_states")`` is the final-norm state
 of the token as input, the CTM's key (the stop token included: one extra step).
 
@@ -29,48 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from conceptseg.backends.base import Generation
+from conceptseg.models import qwen
+from conceptseg.protocols import Generation
 from conceptseg.textstream import OnText, tokenizer_stream
 from conceptseg.types import RequestError
-
-VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # as hf_mllm (not imported: no torch)
-PRECISIONS = ("fp32", "int4")
-
-
-def next_token(
-    logits: np.ndarray, seen: np.ndarray, penalty: float, suppressed: tuple[int, ...]
-) -> int:
-    """Greedy choice with transformers' repetition penalty and suppressed ids (hf backend rule).
-
-    ``logits`` (V,) float32 of the last position; ``seen`` int ids of prompt + completion so far.
-    Seen ids' logits are divided by ``penalty`` when positive, multiplied when negative; the
-    ``suppressed`` ids get -inf; the first maximum wins (as ``torch.argmax``).
-    """
-    logits = np.array(logits, dtype=np.float32).reshape(-1)
-    if penalty != 1.0:
-        ids = np.unique(seen)
-        picked = logits[ids]
-        logits[ids] = np.where(
-            picked < 0, picked * np.float32(penalty), picked / np.float32(penalty)
-        )
-    logits[list(suppressed)] = -np.inf
-    return int(np.argmax(logits))
-
-
-def load_processor(directory: Path) -> Any:
-    from transformers import AutoProcessor
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    return AutoProcessor.from_pretrained(directory)
-
-
-def stop_rule(directory: Path) -> tuple[set[int], float]:
-    """Stop ids and repetition penalty from ``generation_config.json`` (as the hf backend)."""
-    path = directory / "generation_config.json"
-    gen = json.loads(path.read_text()) if path.exists() else {}
-    eos = gen.get("eos_token_id", 151645)
-    return set(eos if isinstance(eos, list) else [eos]), float(gen.get("repetition_penalty", 1.0))
 
 
 class OrtGenaiMllm:
@@ -84,7 +46,7 @@ class OrtGenaiMllm:
         max_length: int = 2816,
         threads: int | None = None,
     ) -> None:
-        import onnxruntime_genai as og
+        import onnxruntime_genai as og  # optional: the ort-genai extra
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "genai_config.json").exists():
@@ -102,20 +64,18 @@ class OrtGenaiMllm:
                 json.dumps({"model": {s: {"session_options": options} for s in sections}})
             )
         self.model = og.Model(config)
-        self.processor = load_processor(self.model_dir.parent / "processor")
-        self.stop_ids, self.repetition_penalty = stop_rule(self.model_dir.parent / "processor")
+        self.processor = qwen.load_processor(self.model_dir.parent / "processor")
+        rule = qwen.stop_rule(self.model_dir.parent / "processor")
+        self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
 
     def prompt_inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
-        text = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.processor(text=[text], images=images, return_tensors="np")
+        return qwen.chat_inputs(self.processor, messages, images, tensors="np")
 
     def _generator(self, inputs: Any, max_length: int) -> Any:
         """A generator whose prompt (vision, embedding, decoder prefill) has run."""
-        import onnxruntime_genai as og
+        import onnxruntime_genai as og  # optional: the ort-genai extra
 
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, do_sample=False)
@@ -169,7 +129,7 @@ class OrtGenaiMllm:
         # 2) decode: each chosen token is fed back once; its output state is the CTM's key for it
         t1 = time.perf_counter()
         while len(tokens) < budget:
-            token = next_token(logits, seen, self.repetition_penalty, VISION_TOKEN_IDS)
+            token = qwen.next_token(logits, seen, self.repetition_penalty)
             fed = token if forced is None else forced[len(tokens)]
             tokens.append(token)
             if stream is not None:

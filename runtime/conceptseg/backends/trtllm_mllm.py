@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conceptseg.backends.base import Generation
-from conceptseg.backends.hf_mllm import VISION_TOKEN_IDS, apply_repetition_penalty
-from conceptseg.backends.ortgenai_mllm import load_processor, stop_rule
+from conceptseg.models import qwen
+from conceptseg.models.qwen_torch import rule_logits
+from conceptseg.protocols import Generation
 from conceptseg.textstream import OnText
 from conceptseg.types import RequestError
 
@@ -95,9 +95,7 @@ class HfDecisionRule:
             rows[:, SENTINEL] = 0.0
             return
         seen = torch.tensor([self.prompt_ids + done], device=rows.device)
-        ruled = apply_repetition_penalty(rows.float(), seen, self.penalty)
-        ruled[:, list(VISION_TOKEN_IDS)] = -torch.inf
-        rows.copy_(ruled.to(rows.dtype))
+        rows.copy_(rule_logits(rows, seen, self.penalty).to(rows.dtype))
 
 
 def ctm_states(
@@ -139,7 +137,7 @@ def register_model_class() -> type:
     if "ConceptSegQwen2_5_VL" in globals():
         return ConceptSegQwen2_5_VL
     _version_check()
-    from tensorrt_llm._torch.models import modeling_qwen2vl as qwen
+    from tensorrt_llm._torch.models import modeling_qwen2vl as trt_qwen
     from tensorrt_llm._torch.models.modeling_utils import register_auto_model
     from tensorrt_llm.inputs import (
         MultimodalPlaceholderMetadata,
@@ -147,7 +145,7 @@ def register_model_class() -> type:
         register_input_processor,
     )
 
-    class ConceptSegQwen2_5_VL(qwen.Qwen2_5_VLModel):  # noqa: N801 (TensorRT-LLM's naming)
+    class ConceptSegQwen2_5_VL(trt_qwen.Qwen2_5_VLModel):  # noqa: N801 (TensorRT-LLM's naming)
         """Qwen2.5-VL whose forward also returns the final-norm states (selected as the logits)."""
 
         def __init__(self, model_config: Any, *args: Any, **kwargs: Any) -> None:
@@ -176,12 +174,12 @@ def register_model_class() -> type:
                          "video": "<|vision_start|><|video_pad|><|vision_end|>"},
         placeholder_placement=MultimodalPlaceholderPlacement.BEFORE_TEXT,
     )  # fmt: skip
-    cls = register_input_processor(qwen.Qwen2VLInputProcessorBase, model_type="qwen2_5_vl",
+    cls = register_input_processor(trt_qwen.Qwen2VLInputProcessorBase, model_type="qwen2_5_vl",
                                    placeholder_metadata=placeholders)(ConceptSegQwen2_5_VL)  # fmt: skip
     cls = register_auto_model(ARCHITECTURE)(cls)
     if hasattr(qwen, "register_vision_encoder"):  # as TensorRT-LLM registers Qwen2_5_VLModel
-        cls = qwen.register_vision_encoder(
-            qwen.Qwen2VisionModelBase, vlm_base_model=qwen.QWEN2_5_VL_VISION_MODEL_CLASS
+        cls = trt_qwen.register_vision_encoder(
+            trt_qwen.Qwen2VisionModelBase, vlm_base_model=trt_qwen.QWEN2_5_VL_VISION_MODEL_CLASS
         )(cls)
     globals()["ConceptSegQwen2_5_VL"] = cls
     return cls
@@ -207,8 +205,9 @@ class TrtllmMllm:
         from tensorrt_llm.llmapi import KvCacheConfig
 
         self.checkpoint = Path(checkpoint)
-        self.processor = load_processor(self.checkpoint)
-        self.stop_ids, self.repetition_penalty = stop_rule(self.checkpoint)
+        self.processor = qwen.load_processor(self.checkpoint)
+        rule = qwen.stop_rule(self.checkpoint)
+        self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
         self.max_new_tokens, self.max_length = max_new_tokens, max_length
         config = json.loads((self.checkpoint / "config.json").read_text())
         self.hidden_size = int(config.get("text_config", config)["hidden_size"])
@@ -258,10 +257,8 @@ class TrtllmMllm:
         """Greedy completion. ``on_text`` gets the whole text once generation ends: this backend
         does not stream yet (the LLM API's ``generate_async(streaming=True)`` would; untested
         without a GPU, so not wired)."""
-        text = self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = self.processor(text=[text], images=images, return_tensors="np")["input_ids"][0]
+        text = qwen.chat_text(self.processor, messages)
+        prompt_ids = qwen.chat_inputs(self.processor, messages, images)["input_ids"][0]
         prompt_ids = [int(i) for i in prompt_ids]
         budget = max(0, min(self.max_new_tokens, self.max_length - len(prompt_ids)))
         if budget == 0:

@@ -15,7 +15,9 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from conceptseg import contract
-from conceptseg.backends import triton as glue
+from conceptseg.serving import glue
+from conceptseg.serving.bls import Bls
+from conceptseg.serving.orchestrator import Orchestrator, serving_versions
 
 
 class TritonPythonModel:
@@ -24,12 +26,12 @@ class TritonPythonModel:
         engines = Path(params["engines"])
         config = json.loads(args["model_config"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-        self.bls = glue.Bls(pb_utils, loop=None)  # bound to the running loop in execute
-        self.orchestrator = glue.Orchestrator(
+        self.bls = Bls(pb_utils, loop=None)  # bound to the running loop in execute
+        self.orchestrator = Orchestrator(
             engines,
             self.bls,
             glue.pipeline_config(params),
-            glue.serving_versions(engines, params),
+            serving_versions(engines, params),
             workers=max(1, config["max_batch_size"]),
         )
 

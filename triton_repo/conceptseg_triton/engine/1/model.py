@@ -8,8 +8,8 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from conceptseg.backends import triton as glue
 from conceptseg.backends.ort import OrtGraph
+from conceptseg.serving import glue
 
 
 class TritonPythonModel:

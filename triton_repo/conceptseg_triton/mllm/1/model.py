@@ -2,22 +2,22 @@
 completion states. With the optional ``stream`` input true, interim responses carry the text in
 deltas while it is generated; the final response always carries the whole generation.
 
-The backend (parameter ``mllm_backend``) comes from ``conceptseg.backends.triton.build_mllm``:
+The backend (parameter ``mllm_backend``) comes from ``conceptseg.serving.mllm_model.build_mllm``:
 ``hf`` (transformers) or ``ort-genai`` on cpu, ``trtllm`` (TensorRT-LLM LLM API) on gpu.
 """
 
 import triton_python_backend_utils as pb_utils
 
-from conceptseg.backends import triton as glue
+from conceptseg.serving import glue, mllm_model
 
 
 class TritonPythonModel:
     def initialize(self, args):
         required = ("mllm_backend", "mllm_path", "prefix_cache", "pipeline_config")
         params = glue.model_params(args, required)
-        self.mllm = glue.build_mllm(params, glue.pipeline_config(params))
+        self.mllm = mllm_model.build_mllm(params, glue.pipeline_config(params))
 
     def execute(self, requests):
         for request in requests:  # one at a time: the backend holds one model and its caches
-            glue.serve_mllm_request(pb_utils, self.mllm, request)
+            mllm_model.serve_mllm_request(pb_utils, self.mllm, request)
         return None  # decoupled: every response went through the request's sender

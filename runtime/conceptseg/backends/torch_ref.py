@@ -1,4 +1,4 @@
-"""The reference SAM 3 backend: transformers' ``Sam3Model`` on a local HF-format checkpoint.
+"""The torch reference backends: transformers' ``Sam3Model`` and our CTM module (``--backend torch``).
 
 Prompts follow Meta's structure (METHOD.md section 6): the geometry encoder always runs, here
 with one padding box (label -10), which is what makes HF's outputs match Meta's. Concept tokens
@@ -17,11 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conceptseg.backends.base import SegOutput
-from conceptseg.vocab import clean_clip_text
-
-TEXT_CONTEXT = 32
-PAD_BOX_LABEL = -10
+from conceptseg.checkpoints import load_ctm
+from conceptseg.models.ctm import ConceptTranslationModule
+from conceptseg.models.qwen import quiet_transformers
+from conceptseg.models.sam3_inputs import (
+    Sam3Tokenizer,
+    padding_box,
+    preprocess,
+)
+from conceptseg.protocols import SegOutput
 
 
 @dataclass
@@ -31,50 +35,23 @@ class Sam3Image:
     vision: Any  # Sam3VisionEncoderOutput
 
 
-def preprocess(image: Image.Image, side: int) -> torch.Tensor:
-    """(1, 3, side, side): square bilinear antialiased resize, [0, 1], normalised with mean = std = 0.5."""
-    import torchvision.transforms.v2.functional as TF
-
-    x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    x = TF.resize(x, [side, side], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return ((x.float() / 255 - 0.5) / 0.5)[None]
-
-
-class Sam3Tokenizer:
-    """Meta's text cleaning, CLIP BPE, padded or truncated to 32 tokens. ``(ids, mask)`` int64 (1, 32)."""
-
-    def __init__(self, directory: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
-
-    def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.tokenizer(
-            clean_clip_text(text),
-            padding="max_length",
-            max_length=TEXT_CONTEXT,
-            truncation=True,
-            split_special_tokens=True,  # a literal "<|endoftext|>" in a prompt is text, as in Meta's
-            return_tensors="np",
-        )
-        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-
-
 def geometry_padding(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One padding box per row: boxes (B, 1, 4) cxcywh and labels (B, 1) = -10."""
-    return torch.zeros(batch, 1, 4), torch.full((batch, 1), PAD_BOX_LABEL, dtype=torch.long)
+    """One padding box per row (``sam3_inputs.padding_box``) as torch tensors."""
+    boxes, labels = padding_box(batch)
+    return torch.from_numpy(boxes), torch.from_numpy(labels)
 
 
-def seg_output(out: Any) -> SegOutput:
+def seg_output(out: Any, instances: bool = False) -> SegOutput:
     """Row 0 of ``Sam3Model`` outputs -> :class:`SegOutput` (queries sorted by score)."""
     presence = torch.sigmoid(out.presence_logits[0, 0]).item()
-    scores = (torch.sigmoid(out.pred_logits[0]) * presence).numpy()
+    scores = (torch.sigmoid(out.pred_logits[0]) * presence).float().numpy()
     order = np.argsort(-scores, kind="stable")
     return SegOutput(
         presence=presence,
         semantic_logits=out.semantic_seg[0, 0].float().numpy(),
         scores=scores[order],
         boxes=out.pred_boxes[0].float().numpy()[order],
+        instance_logits=out.pred_masks[0].float().numpy()[order] if instances else None,
     )
 
 
@@ -82,22 +59,20 @@ class TorchSam3:
     """``encode_image`` / ``segment`` with transformers' SAM 3 (fp32, CPU or CUDA)."""
 
     def __init__(self, directory: Path, *, device: str = "cpu", text_cache: int = 256) -> None:
-        from transformers import Sam3Model
-
-        from conceptseg.backends.hf_mllm import quiet_transformers
+        from transformers import Sam3Model  # the transformers model class: this backend's stack
 
         quiet_transformers()
         self.directory = Path(directory)
         self.model = Sam3Model.from_pretrained(self.directory).eval().to(device)
         self.device = device
         self.side = self.model.config.vision_config.backbone_config.image_size
-        self.tokenize = Sam3Tokenizer(self.directory)
+        self.tokenize = Sam3Tokenizer.from_checkpoint(self.directory)
         self._text: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._text_cache = text_cache
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image) -> Sam3Image:
-        pixels = preprocess(image, self.side).to(self.device)
+        pixels = torch.from_numpy(preprocess(image, self.side)).to(self.device)
         return Sam3Image(self.model.get_vision_features(pixel_values=pixels))
 
     @torch.inference_mode()
@@ -116,7 +91,7 @@ class TorchSam3:
     @torch.inference_mode()
     def heads(self, image: Sam3Image, prompt: torch.Tensor, mask: torch.Tensor) -> Any:
         """Run the detector on precomputed image features and a (1, L, 256) prompt with its mask."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.modeling_outputs import BaseModelOutputWithPooling  # as Sam3Model
 
         boxes, labels = geometry_padding(prompt.shape[0])
         return self.model(
@@ -128,7 +103,11 @@ class TorchSam3:
         )
 
     def segment(
-        self, features: Sam3Image, text: str, concept: np.ndarray | None = None
+        self,
+        features: Sam3Image,
+        text: str,
+        concept: np.ndarray | None = None,
+        instances: bool = False,
     ) -> SegOutput:
         feats, mask = self.text_features(text)
         if concept is not None:
@@ -139,4 +118,27 @@ class TorchSam3:
             mask = torch.cat(
                 [torch.ones(1, tokens.shape[1], dtype=mask.dtype, device=self.device), mask], dim=1
             )
-        return seg_output(self.heads(features, feats, mask))
+        return seg_output(self.heads(features, feats, mask), instances)
+
+
+class TorchCtm:
+    """:class:`~conceptseg.protocols.CTMBackend` over the torch module (one request at a time)."""
+
+    def __init__(self, module: ConceptTranslationModule) -> None:
+        self.module = module.eval()
+
+    @torch.inference_mode()
+    def __call__(self, hidden: np.ndarray) -> np.ndarray:  # (L, H) float32 -> (Q, 256) float32
+        param = next(self.module.parameters())
+        h = torch.from_numpy(np.asarray(hidden, np.float32))[None].to(param.device, param.dtype)
+        return self.module(h)[0].float().cpu().numpy()
+
+
+def torch_sam3(sam3_dir: Path) -> TorchSam3:
+    """SAM 3 in transformers on the HF-format checkpoint ``sam3_dir``."""
+    return TorchSam3(sam3_dir)
+
+
+def torch_ctm(mllm_dir: Path) -> TorchCtm:
+    """The CTM module on the ConceptSeg-R1 checkpoint ``mllm_dir``'s CTM keys."""
+    return TorchCtm(load_ctm(mllm_dir))

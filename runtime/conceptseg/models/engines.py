@@ -1,7 +1,8 @@
-"""SAM 3 and CTM backends over exported graphs, whatever runs them (ONNX Runtime or TensorRT).
+"""SAM 3 and CTM over exported graphs, whatever runs them (ONNX Runtime, TensorRT, Triton BLS).
 
 A graph is anything with ``run(**feeds) -> dict[str, np.ndarray]`` under the names of
-``export/graphs.py``; ``ort.py`` and ``trt.py`` provide them. The engines directory's
+``conceptseg_export/graphs.py``; ``backends/ort.py``, ``backends/trt.py`` and the orchestrator's
+BLS calls provide them. The engines directory's
 ``manifest.json`` and per-graph JSON files are the contract (prompt layout, CTM buckets, shapes).
 """
 
@@ -16,10 +17,48 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from conceptseg.backends.base import SegOutput
+from conceptseg.models.sam3_inputs import (
+    Sam3Tokenizer,
+    build_prompt,
+    heads_feeds,
+    heads_output,
+    preprocess,
+)
+from conceptseg.protocols import SegOutput
 from conceptseg.types import RequestError
 
-PAD_BOX_LABEL = -10
+CTM_BUCKETS = (128, 256, 512, 768)  # CTM sequence lengths the graphs and plans are built for
+
+
+def find_one(engines: Path, pattern: str, flag: str, hint: str) -> Path:
+    """The single ``engines/<pattern>`` directory, or a RequestError naming ``flag``."""
+    found = sorted(p for p in Path(engines).glob(pattern) if p.is_dir())
+    if len(found) != 1:
+        raise RequestError(
+            flag,
+            f"{engines} has {len(found)} {pattern} directories ({[p.name for p in found]}); "
+            f"{hint} or name one with {flag}",
+        )
+    return found[0]
+
+
+def find_plans(engines: Path, plans: Path | None = None) -> Path:
+    """The plans directory: ``plans`` if given, else the one ``engines/trt-*`` directory."""
+    if plans is not None:
+        return Path(plans)
+    return find_one(
+        engines, "trt-*", "--plans", "build one with `conceptseg build-engines --onnx ENGINES`"
+    )
+
+
+SAM3_PRECISIONS = ("fp32", "int8")  # int8: the vision encoder only (sam3_vision.int8.onnx)
+
+
+def vision_graph(precision: str) -> str:
+    """The file stem of the image encoder for ``precision``."""
+    if precision not in SAM3_PRECISIONS:
+        raise RequestError("--sam3-precision", f"{precision!r} is not one of {SAM3_PRECISIONS}")
+    return "sam3_vision" if precision == "fp32" else "sam3_vision.int8"
 
 
 class Graph(Protocol):
@@ -50,60 +89,22 @@ class EngineImage:
     fpn: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def build_prompt(
-    text: np.ndarray, text_mask: np.ndarray, concept: np.ndarray | None, q_max: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The heads graph's static prompt: ``[concept slots (q_max); text (32)]`` and its mask.
-
-    ``text`` (32, 256), ``text_mask`` (32,), ``concept`` (Q, 256) or None -> (q_max + 32, 256)
-    float32 and (q_max + 32,) int64. Unused concept slots are zeros with mask 0, which SAM 3
-    ignores exactly.
-    """
-    width = text.shape[-1]
-    slots = np.zeros((q_max, width), np.float32)
-    slot_mask = np.zeros(q_max, np.int64)
-    if concept is not None:
-        q = concept.shape[0]
-        if q > q_max:
-            raise RequestError(
-                "concept", f"{q} concept tokens, but the heads graph has {q_max} slots"
-            )
-        slots[:q], slot_mask[:q] = concept, 1
-    prompt = np.concatenate([slots, text.astype(np.float32)], axis=0)
-    return prompt, np.concatenate([slot_mask, text_mask.astype(np.int64)])
-
-
-def heads_output(out: dict[str, np.ndarray], row: int = 0) -> SegOutput:
-    """One row of the heads graph's outputs as a :class:`SegOutput` (instances already top-K)."""
-    presence = float(1.0 / (1.0 + np.exp(-out["presence_logits"][row, 0])))
-    return SegOutput(
-        presence=presence,
-        semantic_logits=out["semantic_logits"][row, 0],
-        scores=out["instance_scores"][row],
-        boxes=out["instance_boxes"][row],
-    )
-
-
 class EngineSam3:
     """:class:`SegBackend` on the ``sam3_vision``, ``sam3_text`` and ``sam3_heads`` graphs."""
 
     def __init__(self, engines: Path, graphs: dict[str, Graph], *, text_cache: int = 256) -> None:
-        from conceptseg.backends.torch_sam3 import Sam3Tokenizer
-
         self.engines = Path(engines)
         self.q_max = int(read_manifest(self.engines)["q_max"])
         self.vision, self.text, self.heads = (
             graphs[n] for n in ("sam3_vision", "sam3_text", "sam3_heads")
         )
         self.side = image_side(self.engines)
-        self.tokenize = Sam3Tokenizer(self.engines / "sam3_tokenizer")
+        self.tokenize = Sam3Tokenizer.from_dir(self.engines / "sam3_tokenizer")
         self._text: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._text_cache = text_cache
 
     def encode_image(self, image: Image.Image) -> EngineImage:
-        from conceptseg.backends.torch_sam3 import preprocess  # Meta's resize, shared with torch
-
-        pixels = preprocess(image, self.side).numpy()
+        pixels = preprocess(image, self.side)
         out = self.vision.run(image=pixels)
         return EngineImage((out["fpn0"], out["fpn1"], out["fpn2"]))
 
@@ -120,18 +121,16 @@ class EngineSam3:
         return self._text[text]
 
     def segment(
-        self, features: EngineImage, text: str, concept: np.ndarray | None = None
+        self,
+        features: EngineImage,
+        text: str,
+        concept: np.ndarray | None = None,
+        instances: bool = False,
     ) -> SegOutput:
         prompt, mask = build_prompt(*self.text_features(text), concept, self.q_max)
-        out = self.heads.run(
-            fpn0=features.fpn[0],
-            fpn1=features.fpn[1],
-            fpn2=features.fpn[2],
-            prompt=prompt[None],
-            prompt_mask=mask[None],
-            boxes=np.zeros((1, 1, 4), np.float32),
-            box_labels=np.full((1, 1), PAD_BOX_LABEL, np.int64),
-        )
+        out = self.heads.run(**heads_feeds(features.fpn, prompt, mask))
+        if not instances:
+            out.pop("instance_masks", None)
         return heads_output(out)
 
 

@@ -3,7 +3,7 @@
 The server is the ``tritonserver`` binary (2.51.0, with the Python backend) from the
 ``nvidia-pytriton`` wheel. Everything it needs is made per run in a temporary directory:
 
-- ``repo/``: the model repository for the profile (``conceptseg_triton.fill_template``), checked
+- ``repo/``: the model repository for the profile (``conceptseg.serving.repository``), checked
   against the engine manifests before the server starts;
 - ``backends/python/``: the wheel's Python backend with the ``triton_python_backend_stub`` for
   this Python (``python_backend_stubs/3.11/``) copied beside it, where the backend looks for it;
@@ -38,6 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conceptseg.models.engines import find_plans
+from conceptseg.serving.repository import (
+    RepoOptions,
+    TemplateError,
+    build_repository,
+    validate_repository,
+)
 from conceptseg.types import RequestError
 
 STUB_SITE = Path(sys.prefix) / "triton-stub-site"  # numpy<2 for the stub (Makefile installs it)
@@ -198,13 +205,6 @@ class Server:
 
     def prepare(self) -> list[str]:
         """Repository, backends and stub env in the work dir; the server command line."""
-        from conceptseg_triton.fill_template import (
-            RepoOptions,
-            TemplateError,
-            build_repository,
-            validate_repository,
-        )
-
         cfg = self.cfg
         if cfg.profile not in ("cpu", "gpu"):
             raise RequestError("--profile", f"{cfg.profile!r}: choose cpu or gpu")
@@ -216,8 +216,6 @@ class Server:
             )
         plans = cfg.plans
         if cfg.profile == "gpu" and plans is None:
-            from conceptseg.backends.trt import find_plans
-
             plans = find_plans(engines)
         external = cfg.tritonserver is not None
         if external != (cfg.backend_dir is not None):

@@ -1,17 +1,21 @@
-"""Backends behind the pipeline's Protocols, and the factory that wires them.
+"""The factory that wires backends behind the pipeline's Protocols (a composition layer).
 
 ``build_pipeline(weights, backend=...)`` is the one place that knows which implementation serves
-which step; everything else sees ``SegBackend`` / ``MLLMBackend`` / ``CTMBackend``.
+which step; everything else sees ``SegBackend`` / ``MLLMBackend`` / ``CTMBackend``. Each backend
+module is imported when chosen: each pulls its own heavy stack (torch, onnxruntime, TensorRT).
 """
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Any
 
 from conceptseg.config import PipelineConfig
+from conceptseg.models.engines import find_one
+from conceptseg.pipeline import Pipeline
 from conceptseg.types import RequestError
+from conceptseg.versions import versions
+from conceptseg.weights import check_weights
 
 SEG_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
@@ -26,24 +30,6 @@ def check_mllm_precision(kind: str, precision: str) -> None:
         raise RequestError(
             "--mllm-precision", f"{precision!r} is not one of {allowed} for --mllm-backend {kind}"
         )
-
-
-def versions(weights: Path, **backends: str) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    import conceptseg
-    from conceptseg.checkpoints import is_synthetic
-
-    return {
-        "conceptseg": conceptseg.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "weights": str(weights),
-        "synthetic_weights": is_synthetic(weights),
-        **backends,
-    }
 
 
 def build_mllm(
@@ -63,19 +49,16 @@ def build_mllm(
     """
     limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
     if kind == "hf":
-        import torch
-
-        from conceptseg.backends.hf_mllm import HfMllm
+        from conceptseg.backends.hf_mllm import HfMllm  # lazy: torch + transformers
 
         check_mllm_precision(kind, precision)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        return HfMllm(path, prefix_cache=prefix_cache, dtype=dtype, **limits)
+        return HfMllm(path, prefix_cache=prefix_cache, precision=precision, **limits)
     if kind == "ort-genai":
-        from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
+        from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm  # lazy: onnxruntime-genai
 
         return OrtGenaiMllm(path, threads=threads, **limits)
     if kind == "trtllm":
-        from conceptseg.backends.trtllm_mllm import trtllm_mllm
+        from conceptseg.backends.trtllm_mllm import trtllm_mllm  # lazy: TensorRT-LLM (GPU)
 
         return trtllm_mllm(path, **limits)
     raise RequestError("--mllm-backend", f"{kind!r} is not one of {MLLM_BACKENDS}")
@@ -104,11 +87,6 @@ def build_pipeline(
     checkpoint written by ``export/trtllm_quantize.py``: ``plans`` or ``engines/trtllm-*``).
     ``sam3_precision`` int8 (onnxruntime only): the image encoder with int8 weights.
     """
-    from conceptseg.backends.ctm import TorchCtm
-    from conceptseg.backends.torch_sam3 import TorchSam3
-    from conceptseg.checkpoints import check_weights, load_ctm
-    from conceptseg.pipeline import Pipeline
-
     if backend not in SEG_BACKENDS:
         raise RequestError("--backend", f"{backend!r} is not one of {SEG_BACKENDS}")
     if mllm_backend not in MLLM_BACKENDS:
@@ -129,21 +107,21 @@ def build_pipeline(
             "run `conceptseg export --weights DIR --out ENGINES` first",
         )
     if backend == "onnxruntime":
-        from conceptseg.backends.ort import ort_ctm, ort_sam3
+        from conceptseg.backends.ort import ort_ctm, ort_sam3  # lazy: onnxruntime
 
         seg: Any = ort_sam3(engines, threads, sam3_precision)
         ctm: Any = ort_ctm(engines, threads)
     elif backend == "tensorrt":
-        from conceptseg.backends.trt import trt_ctm, trt_sam3
+        from conceptseg.backends.trt import trt_ctm, trt_sam3  # lazy: TensorRT (GPU)
 
         seg, ctm = trt_sam3(engines, plans), trt_ctm(engines, plans)
     else:
-        seg, ctm = TorchSam3(sam3_dir), TorchCtm(load_ctm(mllm_dir))
+        from conceptseg.backends.torch_ref import torch_ctm, torch_sam3  # lazy: torch
+
+        seg, ctm = torch_sam3(sam3_dir), torch_ctm(mllm_dir)
     if mllm_backend == "ort-genai":
         mllm_path = Path(engines) / "mllm" / mllm_precision
     elif mllm_backend == "trtllm":
-        from conceptseg.backends.trt import find_one
-
         hint = "quantize with `python -m conceptseg_export.trtllm_quantize --out ENGINES`"
         mllm_path = plans or find_one(engines, "trtllm-*", "--plans", hint)
     else:

@@ -111,18 +111,3 @@ class ConceptTranslationModule(nn.Module):
         ctm = cls(q, h, depth=depth)
         ctm.load_state_dict(state, strict=True)
         return ctm.eval()
-
-
-class TorchCtm:
-    """:class:`~conceptseg.backends.base.CTMBackend` over the torch module (one request at a time)."""
-
-    def __init__(self, module: ConceptTranslationModule) -> None:
-        self.module = module.eval()
-
-    @torch.inference_mode()
-    def __call__(self, hidden):  # (L, H) float32 -> (Q, 256) float32
-        import numpy as np
-
-        param = next(self.module.parameters())
-        h = torch.from_numpy(np.asarray(hidden, np.float32))[None].to(param.device, param.dtype)
-        return self.module(h)[0].float().cpu().numpy()

@@ -1,7 +1,7 @@
 """Generate the Triton model repository for a profile from the templates beside this file.
 
-    python -m conceptseg_triton.fill_template --profile cpu --engines engines/tiny --out /tmp/repo
-    python -m conceptseg_triton.fill_template --profile gpu --engines engines/real-3b \
+    python -m conceptseg.serving.repository --profile cpu --engines engines/tiny --out /tmp/repo
+    python -m conceptseg.serving.repository --profile gpu --engines engines/real-3b \
         --plans engines/real-3b/trt-fp16 --out /tmp/repo-gpu
 
 Templates are ``config.pbtxt`` files with ``${key}`` slots. :func:`fill` refuses a template with
@@ -25,10 +25,20 @@ import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from conceptseg import contract
+from conceptseg.build import MLLM_BACKENDS, MLLM_PRECISIONS
+from conceptseg.models.engines import vision_graph
+
+# the templates: package data of ``conceptseg_triton`` (triton_repo/conceptseg_triton/), found by
+# name so this module imports nothing of that package
+HERE = Path(str(resources.files("conceptseg_triton")))
 PROFILES = ("cpu", "gpu")
 ENGINE_MODELS = ("sam3_vision", "sam3_text", "sam3_heads", "ctm")
 MODELS = ("conceptseg", "conceptseg_stream", "mllm", *ENGINE_MODELS)
@@ -175,7 +185,6 @@ def engine_values(
 
 def _int8_vision(engines: Path, precision: str, fp32: dict[str, Any]) -> str:
     """The int8 image encoder's file stem, checked: exported, and the same tensors as fp32."""
-    from conceptseg.backends.ort import vision_graph
 
     if precision != "int8":
         raise TemplateError(f"sam3 precision {precision!r}: choose fp32 or int8")
@@ -196,7 +205,6 @@ def mllm_source(
     profile: str, engines: Path, opts: RepoOptions, top: dict[str, Any]
 ) -> tuple[str, Path]:
     """(backend, directory) the ``mllm`` model loads, checked to exist."""
-    from conceptseg.backends import MLLM_BACKENDS, MLLM_PRECISIONS
 
     backend = opts.mllm_backend or ("hf" if profile == "cpu" else "trtllm")
     if backend not in MLLM_BACKENDS:
@@ -300,8 +308,6 @@ def build_repository(
 
 def parse_config(path: Path) -> Any:
     """``config.pbtxt`` parsed into Triton's ``ModelConfig`` proto (unknown fields fail)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
     try:
         return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
@@ -310,7 +316,6 @@ def parse_config(path: Path) -> Any:
 
 
 def _tensor_table(tensors: Any) -> dict[str, tuple[str, list[int]]]:
-    from tritonclient.grpc import model_config_pb2
 
     return {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in tensors}
 
@@ -336,8 +341,6 @@ def validate_repository(
     repo: Path, engines: Path, profile: str, plans: Path | None = None
 ) -> list[str]:
     """Problems found (empty: the repository agrees with the manifests and the contract)."""
-    from conceptseg import contract
-    from conceptseg.backends.ort import vision_graph
 
     repo, engines = Path(repo), Path(engines)
     problems = []
@@ -409,7 +412,6 @@ def validate_repository(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conceptseg.backends import MLLM_BACKENDS
 
     parser = argparse.ArgumentParser(prog="fill_template", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", required=True, choices=PROFILES)

@@ -53,13 +53,15 @@ class SegOutput:
     ``presence``: sigmoid of the presence logit. ``semantic_logits``: (h, w) float32 logits of the
     semantic head (288x288 at 1008 input); the mask is ``logits > 0`` after resizing.
     ``scores``/``boxes``: per-query instance scores (sigmoid(logit) x presence) and xyxy boxes
-    normalised to [0, 1], best first.
+    normalised to [0, 1], best first; ``instance_logits`` (K, h, w) their mask logits, in the same
+    order, when the call asked for instances.
     """
 
     presence: float
     semantic_logits: np.ndarray
     scores: np.ndarray | None = None
     boxes: np.ndarray | None = None
+    instance_logits: np.ndarray | None = None
 
 
 class SegBackend(Protocol):
@@ -67,8 +69,11 @@ class SegBackend(Protocol):
         """Image features for ``image`` (opaque to the pipeline; computed once per request)."""
         ...
 
-    def segment(self, features: Any, text: str, concept: np.ndarray | None = None) -> SegOutput:
-        """Prompt SAM 3 with ``text`` and optional concept tokens (Q, 256) prepended to it."""
+    def segment(
+        self, features: Any, text: str, concept: np.ndarray | None = None, instances: bool = False
+    ) -> SegOutput:
+        """Prompt SAM 3 with ``text`` and optional concept tokens (Q, 256) prepended to it;
+        ``instances``: also return the instance mask logits."""
         ...
 
 

@@ -1,0 +1,101 @@
+"""Qwen2.5-VL decoding rules shared by every MLLM backend (numpy; no torch, no transformers).
+
+- token ids: the vision special tokens (never generated: suppressed) and ``<|im_end|>``;
+- the stop rule: stop ids and repetition penalty from the checkpoint's ``generation_config.json``
+  (as transformers' ``generate`` reads them), falling back to ``config.json``'s eos id;
+- the decision rule: transformers' repetition penalty over prompt + completion, vision tokens
+  suppressed, greedy (first maximum). ``qwen_torch`` is its twin for backends that hold torch
+  logits; tests check the two agree.
+- chat inputs: the processor's chat template and image processing, one call for all backends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+VISION_START_ID, VISION_END_ID = 151652, 151653
+VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
+IM_END_ID = 151645  # <|im_end|>: the chat template's end of turn
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When decoding ends and how repeats are penalised (one checkpoint's generation config)."""
+
+    stop_ids: frozenset[int]
+    repetition_penalty: float = 1.0
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def stop_rule(directory: Path) -> StopRule:
+    """``eos_token_id`` (int or list) and ``repetition_penalty`` of ``generation_config.json``;
+    without it, ``config.json``'s (text) eos id; without either, ``<|im_end|>``."""
+    directory = Path(directory)
+    gen = _json(directory / "generation_config.json")
+    config = _json(directory / "config.json")
+    eos = gen.get("eos_token_id")
+    if eos is None:
+        eos = config.get("text_config", config).get("eos_token_id", IM_END_ID)
+    ids = eos if isinstance(eos, list) else [eos]
+    return StopRule(frozenset(int(i) for i in ids), float(gen.get("repetition_penalty", 1.0)))
+
+
+def next_token(
+    logits: np.ndarray,
+    seen: np.ndarray,
+    penalty: float,
+    suppressed: tuple[int, ...] = VISION_TOKEN_IDS,
+) -> int:
+    """Greedy choice with transformers' repetition penalty and suppressed ids.
+
+    ``logits`` (V,) float32 of the last position; ``seen`` int ids of prompt + completion so far.
+    Seen ids' logits are divided by ``penalty`` when positive, multiplied when negative; the
+    ``suppressed`` ids get -inf; the first maximum wins (as ``torch.argmax``).
+    """
+    logits = np.array(logits, dtype=np.float32).reshape(-1)
+    if penalty != 1.0:
+        ids = np.unique(seen)
+        picked = logits[ids]
+        logits[ids] = np.where(
+            picked < 0, picked * np.float32(penalty), picked / np.float32(penalty)
+        )
+    logits[list(suppressed)] = -np.inf
+    return int(np.argmax(logits))
+
+
+def quiet_transformers() -> None:
+    """Load reports list the CTM keys as "unexpected" for the MLLM class; they are expected here."""
+    from transformers.utils import logging  # transformers: only where a backend already holds it
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_processor(directory: Path) -> Any:
+    """transformers' Qwen2.5-VL processor (chat template, tokenizer, image patching)."""
+    from transformers import AutoProcessor  # transformers: only where a backend already holds it
+
+    quiet_transformers()
+    return AutoProcessor.from_pretrained(directory)
+
+
+def chat_text(processor: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt text of ``messages``, generation prompt added (the reference's call)."""
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_inputs(
+    processor: Any, messages: list[dict[str, Any]], images: list[Image.Image], tensors: str = "np"
+) -> Any:
+    """``input_ids``, ``pixel_values``, ``image_grid_thw``... of one prompt (``tensors``: "np"
+    or "pt"), images in the order of the messages' image entries."""
+    return processor(text=[chat_text(processor, messages)], images=images, return_tensors=tensors)

@@ -1,0 +1,90 @@
+"""BLS calls from worker threads: ``InferenceRequest.async_exec()`` on the model's event loop.
+
+``Pipeline.run`` is synchronous, so each request runs in a worker thread of the orchestrator's
+own pool; each BLS call is scheduled on the model's event loop. (``async_exec`` itself runs in the
+loop's default executor, so the pipeline threads must not: with every default worker waiting on a
+BLS call, none would be left to make it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """An engine model answered a BLS call with an error (the request fails as INTERNAL)."""
+
+
+class Bls:
+    """Submit BLS calls on the model's event loop from any thread (``loop`` set by execute)."""
+
+    def __init__(self, pb_utils: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.pb_utils, self.loop = pb_utils, loop
+
+    def _request(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> Any:
+        pb = self.pb_utils
+        return pb.InferenceRequest(
+            model_name=model,
+            inputs=[pb.Tensor(n, np.ascontiguousarray(a)) for n, a in inputs.items()],
+            requested_output_names=list(outputs),
+        )
+
+    async def _call(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        response = await self._request(model, inputs, outputs).async_exec()
+        if response.has_error():
+            raise EngineError(f"{model}: {response.error().message()}")
+        return {n: self.pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+
+    def submit(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> Future[dict[str, np.ndarray]]:
+        assert self.loop is not None, "Bls.loop is unset: execute binds the running loop first"
+        return asyncio.run_coroutine_threadsafe(self._call(model, inputs, outputs), self.loop)
+
+    def call(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        return self.submit(model, inputs, outputs).result()
+
+    async def _open_stream(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> Any:
+        # resolves at the first response
+        return await self._request(model, inputs, outputs).async_exec(decoupled=True)
+
+    def stream(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The responses of a decoupled model, as they arrive, each as its tensors (the empty
+        final-flag response is skipped). Call from a worker thread: the call is opened on the
+        model's loop, and the iterator's blocking ``next`` runs here, the GIL released."""
+        assert self.loop is not None, "Bls.loop is unset: execute binds the running loop first"
+        opened = asyncio.run_coroutine_threadsafe(
+            self._open_stream(model, inputs, outputs), self.loop
+        )
+        for response in opened.result():
+            if response.has_error():
+                raise EngineError(f"{model}: {response.error().message()}")
+            tensors = response.output_tensors()
+            if tensors:
+                yield {t.name(): t.as_numpy() for t in tensors}
+
+
+@dataclass
+class BlsGraph:
+    """An engine model behind the ``run(**feeds)`` call shape of the ONNX Runtime graphs."""
+
+    bls: Bls
+    model: str
+    outputs: tuple[str, ...]
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        return self.bls.call(self.model, feeds, self.outputs)

@@ -1,0 +1,110 @@
+"""The glue every ``triton_repo`` model.py shares: parameters, tensors in and out, errors.
+
+``pb_utils`` (``triton_python_backend_utils``, importable only inside the Python backend's stub)
+is passed in by the model.py files: this package never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from conceptseg.config import PipelineConfig
+from conceptseg.types import RequestError
+
+
+def model_params(args: dict[str, Any], required: tuple[str, ...]) -> dict[str, str]:
+    """The ``parameters`` of a model's config, each required one present and filled."""
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    for key in required:
+        value = params.get(key)
+        assert value is not None, (
+            f"{config['name']}: parameter {key!r} is missing from config.pbtxt"
+        )
+        assert "${" not in value, f"{config['name']}: parameter {key}={value!r} was never filled"
+    return params
+
+
+def read_inputs(
+    pb_utils: Any, request: Any, names: tuple[str, ...] | list[str]
+) -> dict[str, np.ndarray]:
+    """The request's tensors among ``names`` as numpy (absent optional inputs are left out)."""
+    arrays = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            arrays[name] = tensor.as_numpy()
+    return arrays
+
+
+def to_response(pb_utils: Any, arrays: dict[str, np.ndarray]) -> Any:
+    return pb_utils.InferenceResponse(
+        [pb_utils.Tensor(n, np.asarray(a)) for n, a in arrays.items()]
+    )
+
+
+def error_response(pb_utils: Any, exc: BaseException, logger: Any = None) -> Any:
+    """INVALID_ARG for a :class:`RequestError`, INTERNAL (and a log line) for anything else."""
+    if isinstance(exc, RequestError):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        )
+    if logger is not None:
+        logger.log_error(f"request failed: {type(exc).__name__}: {exc}")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"internal error: {exc}", pb_utils.TritonError.INTERNAL)
+    )
+
+
+def pipeline_config(params: dict[str, str]) -> PipelineConfig:
+    """The ``pipeline_config`` parameter (JSON of PipelineConfig fields) as a config."""
+    try:
+        return PipelineConfig(**json.loads(params["pipeline_config"]))
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"parameter pipeline_config: {exc}") from None
+
+
+def group_by_shape(feeds: list[dict[str, np.ndarray]]) -> list[list[int]]:
+    """Indices of requests whose inputs have equal shapes past the batch dim (one run each)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, feed in enumerate(feeds):
+        key = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feed.items()))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def run_batched(
+    graph: Any, feeds: list[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray] | Exception]:
+    """Run a dynamic batch through ``graph`` one concatenated call per shape group.
+
+    Returns, per request, its outputs (split back by batch rows) or the exception its group hit.
+    """
+    results: list[dict[str, np.ndarray] | Exception] = [{} for _ in feeds]
+    for group in group_by_shape(feeds):
+        try:
+            batch = {n: np.concatenate([feeds[i][n] for i in group]) for n in feeds[group[0]]}
+            out = graph.run(**batch)
+            start = 0
+            for i in group:
+                rows = feeds[i][next(iter(feeds[i]))].shape[0]
+                results[i] = {n: a[start : start + rows] for n, a in out.items()}
+                start += rows
+        except Exception as exc:  # noqa: BLE001 - reported per request by the caller
+            for i in group:
+                results[i] = exc
+    return results
+
+
+def send_final_error(pb_utils: Any, sender: Any, exc: BaseException) -> None:
+    """The error as a decoupled request's final response; if even that cannot be sent (the
+    request was cancelled, or its final response already went), the log says so and the model
+    goes on."""
+    try:
+        sender.send(error_response(pb_utils, exc, pb_utils.Logger),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # fmt: skip
+    except Exception as lost:  # noqa: BLE001
+        pb_utils.Logger.log_error(f"could not answer a request ({exc!r}): {lost!r}")

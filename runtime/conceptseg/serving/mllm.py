@@ -1,0 +1,101 @@
+"""The ``mllm`` model's tensors (messages JSON + images in, text + states out), both sides.
+
+:class:`TritonMllm` is the orchestrator's :class:`~conceptseg.protocols.MLLMBackend` over BLS;
+``serving.mllm_model`` is the ``mllm`` model's side.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from conceptseg import contract
+from conceptseg.protocols import Generation
+from conceptseg.serving.bls import Bls, EngineError
+from conceptseg.textstream import OnText
+
+MLLM_INPUTS = ("messages", "images")
+MLLM_OUTPUTS = (
+    "text",
+    "token_ids",
+    "hidden",
+    "prompt_tokens",
+    "stopped",
+    "prefill_ms",
+    "decode_ms",
+)
+
+
+def to_mllm_arrays(
+    messages: list[dict[str, Any]], images: list[Image.Image]
+) -> dict[str, np.ndarray]:
+    return {
+        "messages": np.array([json.dumps(messages).encode()], dtype=np.object_),
+        "images": np.array([contract.encode_image(i) for i in images], dtype=np.object_),
+    }
+
+
+def from_mllm_arrays(
+    arrays: dict[str, np.ndarray],
+) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    messages = json.loads(bytes(arrays["messages"].ravel()[0]))
+    images = [Image.open(io.BytesIO(bytes(b))).convert("RGB") for b in arrays["images"].ravel()]
+    return messages, images
+
+
+def generation_to_arrays(gen: Generation) -> dict[str, np.ndarray]:
+    return {
+        "text": np.array([gen.text.encode()], dtype=np.object_),
+        "token_ids": np.asarray(gen.token_ids, np.int64).reshape(-1),
+        "hidden": np.asarray(gen.hidden, np.float32),
+        "prompt_tokens": np.array([gen.prompt_tokens], np.int64),
+        "stopped": np.array([gen.stopped], np.bool_),
+        "prefill_ms": np.array([gen.prefill_ms], np.float32),
+        "decode_ms": np.array([gen.decode_ms], np.float32),
+    }
+
+
+def generation_from_arrays(out: dict[str, np.ndarray]) -> Generation:
+    return Generation(
+        text=text_of(out),
+        token_ids=[int(t) for t in out["token_ids"]],
+        hidden=np.asarray(out["hidden"], np.float32),
+        prompt_tokens=int(out["prompt_tokens"][0]),
+        stopped=bool(out["stopped"][0]),
+        prefill_ms=float(out["prefill_ms"][0]),
+        decode_ms=float(out["decode_ms"][0]),
+    )
+
+
+def text_of(arrays: dict[str, np.ndarray]) -> str:
+    return bytes(np.asarray(arrays["text"]).ravel()[0]).decode("utf-8")
+
+
+class TritonMllm:
+    """:class:`MLLMBackend` calling the (decoupled) ``mllm`` model: with ``on_text`` it asks for
+    the text deltas as interim responses; the final response holds the whole generation."""
+
+    def __init__(self, bls: Bls, model: str = "mllm") -> None:
+        self.bls, self.model = bls, model
+
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: OnText | None = None,
+    ) -> Generation:
+        inputs = to_mllm_arrays(messages, images)
+        inputs["stream"] = np.array([on_text is not None], np.bool_)
+        final = None
+        for arrays in self.bls.stream(self.model, inputs, MLLM_OUTPUTS):
+            if "token_ids" in arrays:
+                final = arrays
+            elif on_text is not None and "text" in arrays:
+                on_text(text_of(arrays))
+        if final is None:
+            raise EngineError(f"{self.model}: the response stream ended without the generation")
+        return generation_from_arrays(final)

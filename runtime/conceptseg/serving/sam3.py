@@ -1,0 +1,82 @@
+"""SAM 3 over the ``sam3_*`` engine models: the image encoder call is submitted, not awaited.
+
+``encode_image`` returns a :class:`PendingImage`, so the vision model runs while the pipeline
+goes on to the MLLM whenever no router probe needs the features first.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conceptseg.models.engines import EngineSam3
+from conceptseg.models.sam3_inputs import build_prompt, heads_feeds, heads_output, preprocess
+from conceptseg.protocols import SegOutput
+from conceptseg.serving.bls import Bls, BlsGraph
+
+
+class PendingImage:
+    """Image features being computed by the ``sam3_vision`` model (resolved on first use)."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+        self.started, self.finished = time.perf_counter(), 0.0
+        future.add_done_callback(self._done)
+
+    def _done(self, _: Future) -> None:
+        self.finished = time.perf_counter()
+
+    @property
+    def elapsed_ms(self) -> float:
+        """Wall time of the vision call, submit to result (0 while it runs)."""
+        return max(self.finished - self.started, 0.0) * 1e3
+
+    def fpn(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.future.result()
+        return out["fpn0"], out["fpn1"], out["fpn2"]
+
+
+def _graph_outputs(engines: Path, name: str) -> tuple[str, ...]:
+    manifest = json.loads((Path(engines) / f"{name}.json").read_text())
+    return tuple(t["name"] for t in manifest["outputs"])
+
+
+class TritonSam3(EngineSam3):
+    """:class:`SegBackend` on the ``sam3_*`` engine models, shared by all requests (thread-safe)."""
+
+    def __init__(self, engines: Path, bls: Bls) -> None:
+        names = ("sam3_vision", "sam3_text", "sam3_heads")
+        super().__init__(engines, {n: BlsGraph(bls, n, _graph_outputs(engines, n)) for n in names})
+        self.bls = bls
+        self._lock = threading.Lock()  # the text cache and the tokenizer are not thread-safe
+        heads = _graph_outputs(engines, "sam3_heads")
+        self._heads_outputs = {
+            True: heads,
+            False: tuple(n for n in heads if n != "instance_masks"),  # (K, 4g, 4g): only on demand
+        }
+
+    def encode_image(self, image: Image.Image) -> PendingImage:
+        pixels = preprocess(image, self.side)
+        outputs = ("fpn0", "fpn1", "fpn2")
+        return PendingImage(self.bls.submit("sam3_vision", {"image": pixels}, outputs))
+
+    def text_features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return super().text_features(text)
+
+    def segment(
+        self,
+        features: PendingImage,
+        text: str,
+        concept: np.ndarray | None = None,
+        instances: bool = False,
+    ) -> SegOutput:
+        prompt, mask = build_prompt(*self.text_features(text), concept, self.q_max)
+        feeds = heads_feeds(features.fpn(), prompt, mask)
+        return heads_output(self.bls.call("sam3_heads", feeds, self._heads_outputs[instances]))
