@@ -6,7 +6,8 @@ repeat (these machines are noisy), medians and p90 over repeats, quality in the 
 Targets:
 - ``sam3``: SAM 3 vision encoder, text encoder and heads (40-slot prompt) at the checkpoint's
   resolution: torch eager (transformers, fp32) vs the exported graphs under ONNX Runtime (fp32, and
-  int8-dynamic if ``--int8`` points at a quantized vision graph made by ``quantize``).
+  int8-dynamic if ``--int8`` points at ``sam3_vision.int8.onnx``, made by
+  ``conceptseg export --parts sam3_vision_int8``).
 - ``mllm``: the MLLM's prefill and decode tokens/s, transformers bf16 vs the ort-genai export
   (int4 by default), with bytes moved per token and the machine's read bandwidth
   (``mllm_bench.py``).
@@ -16,7 +17,6 @@ Targets:
   (``attention_bench.py``).
 - ``gemm``: one prefill-shaped decoder GEMM in ONNX Runtime (fp32, int4) and torch (fp32, bf16)
   (``gemm_bench.py``).
-- ``quantize``: writes ``sam3_vision.int8.onnx`` (dynamic int8 MatMul weights) beside the graph.
 
 Prints a table; the last stdout line is one JSON object with machine, versions and config.
 """
@@ -38,6 +38,8 @@ import gemm_bench
 import mllm_bench
 import numpy as np
 import serve_bench
+
+from conceptseg.versions import package_versions
 
 
 def machine() -> dict[str, Any]:
@@ -61,15 +63,7 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "transformers": transformers.__version__,
-    }
+    return package_versions(("torch", "onnxruntime", "transformers"))
 
 
 def identity_runner(fn: Callable[[], Any]) -> Any:
@@ -136,14 +130,15 @@ def bench_sam3(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from conceptseg.backends.torch_ref import TorchSam3, preprocess
+    from conceptseg.backends.torch_ref import TorchSam3
+    from conceptseg.models.sam3_inputs import preprocess
     from conceptseg.samples import sample_target
 
     torch.set_num_threads(args.threads)
     runner = RUNNERS[args.runner]
     ref = TorchSam3(Path(args.weights) / "sam3")
     engines = Path(args.engines)
-    pixels = preprocess(sample_target(), ref.side)
+    pixels = torch.from_numpy(preprocess(sample_target(), ref.side))
     rows: dict[str, Any] = {}
     steps = set(args.steps.split(","))
 
@@ -207,7 +202,7 @@ def _bench_vision(
 
 def _heads_feeds(ref: Any) -> dict[str, np.ndarray]:
     """The heads graph's prompt inputs for a 40-slot prompt (8 concept + 32 text slots)."""
-    from conceptseg.models.engines import build_prompt
+    from conceptseg.models.sam3_inputs import build_prompt
 
     feats, mask = ref.text_features("the mug with a handle")
     concept = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32) * 0.1
@@ -294,18 +289,6 @@ def _bench_text(args: argparse.Namespace, ref: Any, engines: Path, runner: Calla
     return rows
 
 
-def quantize(args: argparse.Namespace) -> dict[str, Any]:
-    """Dynamic int8 quantization of the vision graph's MatMul weights (VNNI/AMX int8 kernels)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src = Path(args.engines) / "sam3_vision.onnx"
-    dst = Path(args.engines) / "sam3_vision.int8.onnx"
-    start = time.perf_counter()
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     use_external_data_format=True)  # fmt: skip
-    return {"quantized": str(dst), "seconds": round(time.perf_counter() - start, 1)}
-
-
 def print_table(rows: dict[str, Any]) -> None:
     print(
         f"{'step/contender':32} {'median ms':>11} {'p90 ms':>10} {'n':>3} {'max|d| vs torch':>16} {'speedup':>8}"
@@ -320,7 +303,7 @@ def print_table(rows: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "target", choices=["sam3", "mllm", "serve", "attention", "gemm", "quantize"]
+        "target", choices=["sam3", "mllm", "serve", "attention", "gemm"]
     )
     parser.add_argument("--weights", default="weights/real-3b")
     parser.add_argument("--engines", default="engines/real-3b")
@@ -353,11 +336,9 @@ def main() -> None:
     elif args.target == "serve":
         rows = serve_bench.bench_serve(args)
         serve_bench.print_serve_table(rows)
-    elif args.target == "mllm":
+    else:
         rows = mllm_bench.bench_mllm(args, side_by_side, summary, RUNNERS[args.runner])
         mllm_bench.print_mllm_table(rows)
-    else:
-        rows = quantize(args)
     record = {
         "target": args.target,
         "machine": machine(),

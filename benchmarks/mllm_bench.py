@@ -110,7 +110,7 @@ def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner
     msgs, images = sample_inputs()
     weights, engines = Path(args.weights) / "mllm", Path(args.engines) / "mllm"
     n = args.new_tokens
-    hf = HfMllm(weights, dtype=torch.bfloat16, max_new_tokens=n)
+    hf = HfMllm(weights, precision="bf16", max_new_tokens=n)
     genai = OrtGenaiMllm(engines / args.precision, max_new_tokens=n, threads=args.threads)
     for backend in (hf, genai):
         backend.stop_ids = set()  # exactly n steps each, whatever the random weights pick

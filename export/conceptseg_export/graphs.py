@@ -1,7 +1,7 @@
 """Export-only wrappers: each module's ``forward`` is exactly one ONNX graph's contract.
 
 Tensor names are shared by the exporter, the ONNX Runtime and TensorRT backends and the Triton
-model configurations (``GRAPHS`` below is the single source of them).
+model configurations (``export_config.GRAPHS`` is the single source of them).
 
 - ``sam3_vision``: ``image`` (B, 3, S, S) normalised pixels -> ``fpn0``, ``fpn1``, ``fpn2`` (the
   4x, 2x and 1x FPN levels; 288/144/72 at S = 1008; the 0.5x level is unused by the heads).

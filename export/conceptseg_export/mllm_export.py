@@ -404,7 +404,7 @@ def export_mllm(
     ``manifest.json``'s graph table: ``{"mllm": "mllm/mllm.json"}`` (that file holds the graphs,
     decoders, parity figures and versions). ``verify_tokens``: greedy tokens compared with the
     hf backend per precision (0 skips it; at the real 3B size on a CPU it takes minutes)."""
-    import onnxruntime_genai as og
+    import onnxruntime_genai as og  # optional: the ort-genai backend
 
     unknown = sorted(set(precisions) - set(PRECISIONS))
     assert not unknown, f"precisions {unknown} are not among {PRECISIONS}"
@@ -438,7 +438,7 @@ def export_mllm(
 
 
 def _provenance(mllm_dir: Path) -> dict[str, Any]:
-    import onnxruntime_genai as og
+    import onnxruntime_genai as og  # optional: the ort-genai backend
 
 
     return {

@@ -29,20 +29,21 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import Sam3Model
 
+from conceptseg.backends.torch_ref import clip_tokenizer
 from conceptseg.checkpoints import load_ctm, read_tensors
 from conceptseg.models.ctm import CTM_PREFIXES, ConceptTranslationModule
 from conceptseg.models.engines import CTM_BUCKETS, vision_graph
 from conceptseg.models.qwen import quiet_transformers
-from conceptseg.models.sam3_inputs import TEXT_CONTEXT, Sam3Tokenizer
+from conceptseg.models.sam3_inputs import TEXT_CONTEXT
 from conceptseg.types import UsageError
 from conceptseg.weights import check_weights, is_synthetic, safetensors_files
 from conceptseg_export.export_config import (
     EXTERNAL_DATA_BYTES,
+    GRAPHS,
     INT8_VISION,
     ExportConfig,
 )
 from conceptseg_export.graphs import (
-    GRAPHS,
     SAM3_PARTS,
     CtmGraph,
     HeadsGraph,
@@ -207,7 +208,7 @@ def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec
     side = model.config.vision_config.backbone_config.image_size
     top_k = min(cfg.top_k, model.config.detr_decoder_config.num_queries)
     source = sha256_files(safetensors_files(sam3_dir))
-    tokenize = Sam3Tokenizer.from_checkpoint(sam3_dir)
+    tokenize = clip_tokenizer(sam3_dir)
     generator = torch.Generator().manual_seed(0)
     vision = VisionGraph(model).eval()
     with torch.no_grad():  # FPN levels for the heads' dummy inputs: one image, repeated
@@ -412,7 +413,7 @@ def main(cfg: ExportConfig) -> Path:
         )
     # the runtime's tokenizer (tokenizers, no transformers) + the checkpoint's own CLIP files
     tokenizer_dir = out / "sam3_tokenizer"
-    Sam3Tokenizer.from_checkpoint(sam3_dir).save(tokenizer_dir)
+    clip_tokenizer(sam3_dir).save(tokenizer_dir)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy2(sam3_dir / name, tokenizer_dir / name)
     manifest.update(

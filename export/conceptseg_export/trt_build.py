@@ -396,7 +396,7 @@ def build_plan(
 
 
 def _gpu_name() -> str:
-    import torch
+    import torch  # heavy: torch, only on this path
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown"
 

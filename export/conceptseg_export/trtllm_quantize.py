@@ -123,7 +123,7 @@ def _disable(config: dict[str, Any], pattern: str) -> None:
 
 
 def quant_config(qformat: str) -> dict[str, Any]:
-    import modelopt.torch.quantization as mtq
+    import modelopt.torch.quantization as mtq  # optional: ModelOpt, GPU container only
 
     config = copy.deepcopy(getattr(mtq, QFORMATS[qformat][0]))
     for pattern in KEEP_BF16:
@@ -157,7 +157,7 @@ def _parity(model: Any, before: list[torch.Tensor], after: list[torch.Tensor]) -
 
 
 def _check_environment(qformat: str) -> None:
-    import modelopt
+    import modelopt  # optional: ModelOpt, GPU container only
 
     assert torch.cuda.is_available(), "ModelOpt calibration needs a CUDA GPU"
     major, minor = torch.cuda.get_device_capability()
@@ -172,7 +172,7 @@ def _check_environment(qformat: str) -> None:
 
 
 def _write_checkpoint(model: Any, mllm_dir: Path, out: Path) -> None:
-    from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.export import export_hf_checkpoint  # optional: ModelOpt, GPU container only
 
 
     export_hf_checkpoint(model, export_dir=str(out))
@@ -187,10 +187,13 @@ def _write_checkpoint(model: Any, mllm_dir: Path, out: Path) -> None:
 
 def main(cfg: QuantizeConfig) -> Path:
     """Quantize, export and describe; returns the checkpoint directory."""
-    import modelopt
-    import modelopt.torch.quantization as mtq
-    import transformers
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    import modelopt  # optional: ModelOpt, GPU container only
+    import modelopt.torch.quantization as mtq  # optional: ModelOpt, GPU container only
+    import transformers  # heavy: transformers, only on this path
+    from transformers import (  # heavy: transformers, only on this path
+        AutoProcessor,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
 
     _check_environment(cfg.qformat)

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conceptseg import vocab
 from conceptseg.models.ctm import CTM_PREFIXES, ConceptTranslationModule
+from conceptseg.models.qwen import quiet_transformers  # lazy: the chosen backend's stack
+from conceptseg.sam3_convert import meta_sam3_config  # lazy: the chosen backend's stack
 from conceptseg.types import RequestError
 from conceptseg.weights import SYNTHETIC_MARKER, safetensors_files
 
@@ -152,7 +154,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_synthetic_mllm(out: Path, size_name: str, seed: int) -> None:
     """Random-weight ConceptSeg-R1 MLLM + CTM checkpoint in the published layout."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (  # heavy: transformers, only on this path
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     size = MLLM_SIZES[size_name]
     config = mllm_config(size)
@@ -172,7 +177,7 @@ def write_synthetic_mllm(out: Path, size_name: str, seed: int) -> None:
     tensors = {_published_name(k): v.to(dtype).contiguous() for k, v in state.items()}
     tensors |= {k: v.to(dtype).contiguous() for k, v in ctm.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
-    _save_sharded(tensors, out)
+    save_sharded(tensors, out)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", GENERATION_CONFIG)
@@ -193,31 +198,10 @@ def nn_init_ctm(ctm: ConceptTranslationModule, seed: int) -> None:
                 param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
 
 
-def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 4 << 30) -> None:
-    """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index, as HF writes them."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    used = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and used + nbytes > max_bytes:
-            shards.append({})
-            used = 0
-        shards[-1][key] = tensor
-        used += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / name, metadata=meta)
-        weight_map |= dict.fromkeys(shard, name)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(
-        out / "model.safetensors.index.json",
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-    )
+def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 4 << 30) -> None:
+    """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index, as HF writes them
+    (``huggingface_hub.save_torch_state_dict``)."""
+    save_torch_state_dict(tensors, out, max_shard_size=max_bytes, metadata={"format": "pt"})
 
 
 def read_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -252,7 +236,7 @@ def sam3_config(size_name: str) -> Any:
     encoder with 32 positions and the real vocabulary, geometry encoder, DETR encoder/decoder with
     presence token, mask decoder with semantic head) and the 256-d prompt width the CTM feeds.
     """
-    from transformers import (
+    from transformers import (  # heavy: transformers, only on this path
         CLIPTextConfig,
         Sam3Config,
         Sam3DETRDecoderConfig,
@@ -264,7 +248,6 @@ def sam3_config(size_name: str) -> Any:
     )
 
     if size_name == "real-3b":
-        from conceptseg.sam3_convert import meta_sam3_config
 
         return meta_sam3_config()  # HF's defaults but the ViT LayerNorm eps Meta trained with
     image, patch, window, d, heads = 112, 14, 4, 256, 2
@@ -314,9 +297,8 @@ def sam3_config(size_name: str) -> Any:
 
 def write_synthetic_sam3(out: Path, size_name: str, seed: int) -> None:
     """Random-weight HF ``Sam3Model`` checkpoint + CLIP tokenizer + image processor config."""
-    from transformers import Sam3ImageProcessor, Sam3Model
+    from transformers import Sam3ImageProcessor, Sam3Model  # heavy: transformers, only on this path
 
-    from conceptseg.models.qwen import quiet_transformers
 
     quiet_transformers()
     config = sam3_config(size_name)

@@ -273,7 +273,9 @@ def _read_bytes(path: str, argument: str) -> bytes:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from conceptseg_export.export_config import from_cli_args
+    from conceptseg_export.export_config import (
+        from_cli_args,  # lazy: the exporters pull torch + onnx
+    )
     from conceptseg_export.onnx_export import main as export_main  # lazy: torch + onnx
 
     export_main(from_cli_args(args))

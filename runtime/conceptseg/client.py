@@ -56,18 +56,18 @@ def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
 
 def _module(protocol: str, aio: bool) -> Any:
     if protocol == "grpc":
-        import tritonclient.grpc as grpc_mod
-        import tritonclient.grpc.aio as grpc_aio
+        import tritonclient.grpc as grpc_mod  # optional: tritonclient, the serve extra
+        import tritonclient.grpc.aio as grpc_aio  # optional: tritonclient, the serve extra
 
         return grpc_aio if aio else grpc_mod
-    import tritonclient.http as http_mod
-    import tritonclient.http.aio as http_aio
+    import tritonclient.http as http_mod  # optional: tritonclient, the serve extra
+    import tritonclient.http.aio as http_aio  # optional: tritonclient, the serve extra
 
     return http_aio if aio else http_mod
 
 
 def _inputs(module: Any, arrays: dict[str, np.ndarray]) -> list[Any]:
-    from tritonclient.utils import np_to_triton_dtype
+    from tritonclient.utils import np_to_triton_dtype  # optional: tritonclient, the serve extra
 
     inputs = []
     for name, array in arrays.items():
@@ -174,7 +174,9 @@ class Client:
         self, arrays: dict[str, np.ndarray], instance_masks: bool = False
     ) -> contract.Response:
         """Send request tensors as they are (no checks here: the server validates)."""
-        from tritonclient.utils import InferenceServerException
+        from tritonclient.utils import (
+            InferenceServerException,  # optional: tritonclient, the serve extra
+        )
 
         try:
             result = self.client.infer(**_infer_kwargs(self, arrays, instance_masks))
@@ -258,7 +260,9 @@ class AsyncClient:
     async def infer(
         self, arrays: dict[str, np.ndarray], instance_masks: bool = False
     ) -> contract.Response:
-        from tritonclient.utils import InferenceServerException
+        from tritonclient.utils import (
+            InferenceServerException,  # optional: tritonclient, the serve extra
+        )
 
         try:
             result = await self.client.infer(**_infer_kwargs(self, arrays, instance_masks))

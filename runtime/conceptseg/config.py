@@ -59,9 +59,3 @@ def from_env(
         else:
             changes[f.name] = int(raw)
     return replace(base, **changes)  # type: ignore[arg-type]
-
-
-def torch_threads() -> int | None:
-    """``CONCEPTSEG_THREADS``: intra-op threads for torch and ONNX Runtime (default: library's)."""
-    raw = os.environ.get("CONCEPTSEG_THREADS")
-    return int(raw) if raw else None

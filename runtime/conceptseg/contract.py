@@ -32,9 +32,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as coco_mask
 
 from conceptseg import limits
 from conceptseg.config import PipelineConfig
+from conceptseg.masks import to_png
 from conceptseg.mosaic import validate_reference
 from conceptseg.types import Box, Reference, Request, RequestError, Result
 
@@ -263,56 +265,21 @@ def from_request_arrays(
 
 
 def to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE of a bool (H, W) mask: ``{"size": [H, W], "counts": str}``.
-
-    Runs are column-major and start with a run of zeros (pycocotools' ``encode`` on a Fortran
-    array); ``counts`` is pycocotools' string form (``maskUtils.decode`` reads it).
-    """
-    flat = np.asarray(mask, bool).ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    chars = []
-    for i, count in enumerate(runs):
-        x = count - runs[i - 2] if i > 2 else count
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            chars.append(chr((c | 0x20 if more else c) + 48))
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
+    """COCO compressed RLE of a bool (H, W) mask: ``{"size": [H, W], "counts": str}``
+    (pycocotools' ``encode``: column-major runs, its string form)."""
+    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def from_rle(rle: dict[str, Any]) -> np.ndarray:
     """Inverse of :func:`to_rle`: bool (H, W)."""
-    h, w = rle["size"]
-    counts: list[int] = []
-    s, p = rle["counts"], 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        counts.append(x + counts[-2] if len(counts) > 2 else x)
-    values = np.zeros(sum(counts), bool)
-    ends = np.cumsum(counts)
-    for i in range(1, len(counts), 2):
-        values[ends[i - 1] : ends[i]] = True
-    assert values.size == h * w, f"RLE counts cover {values.size} pixels, size says {h}x{w}"
-    return values.reshape((h, w), order="F")
+    coded = {"size": list(rle["size"]), "counts": str(rle["counts"]).encode("ascii")}
+    return coco_mask.decode(coded).astype(bool)
 
 
 def encode_mask(mask: np.ndarray, fmt: str) -> bytes:
     if fmt == "rle":
         return json.dumps(to_rle(mask)).encode()
-    from conceptseg.masks import to_png
-
     return to_png(mask)
 
 

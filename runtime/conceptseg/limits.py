@@ -42,4 +42,4 @@ def check_prompt(question: object, cfg: PipelineConfig) -> None:
 def check_reference_count(name: str, count: int) -> None:
     """0 to ``MAX_REFERENCES`` references."""
     if count > MAX_REFERENCES:
-        raise RequestError(name, f"got {count} references; give 0 to {MAX_REFERENCES}")
+        raise RequestError(name, f"got {count}; give 0 to {MAX_REFERENCES} references")

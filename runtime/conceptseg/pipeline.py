@@ -114,13 +114,12 @@ class Pipeline:
             features = self.seg.encode_image(request.image)
         # 2) router probe on the question (skipped when no score could pass: T >= 1)
         presence = None
-        if cfg.router and threshold < 1:
+        if cfg.router and router.needs_probe(threshold):
             sam_text = router.strip(question) if cfg.strip_parentheticals else question
             with clock.step("router_probe"):
                 probe = self.seg.segment(features, sam_text, instances=want)
             presence = probe.presence
-            accepted = presence >= threshold if cfg.inclusive_threshold else presence > threshold
-            if accepted:
+            if router.accepts(presence, threshold, inclusive=cfg.inclusive_threshold):
                 # 3') fast path: SAM 3's own mask
                 with clock.step("postprocess"):
                     mask = logits_to_mask(probe.semantic_logits, size_hw)

@@ -30,20 +30,14 @@ def threshold(question: str, *, strip_parentheticals: bool = True) -> float:
     return 0.1 * 2 ** (n - 1)
 
 
-def needs_probe(question: str, *, strip_parentheticals: bool = True) -> bool:
-    """Whether a SAM 3 presence probe could accept this question (``T < 1``)."""
-    return threshold(question, strip_parentheticals=strip_parentheticals) < 1
+def needs_probe(threshold_: float) -> bool:
+    """Whether a SAM 3 presence probe could accept at this threshold (``T < 1``)."""
+    return threshold_ < 1
 
 
-def accepts(
-    presence: float,
-    question: str,
-    *,
-    strip_parentheticals: bool = True,
-    inclusive: bool = True,
-) -> bool:
-    """Fast path? ``presence >= T`` (``>`` with ``inclusive=False``, as the single-example script)."""
-    t = threshold(question, strip_parentheticals=strip_parentheticals)
-    if t >= 1:
+def accepts(presence: float, threshold_: float, *, inclusive: bool = True) -> bool:
+    """Fast path? ``presence >= T`` (``>`` with ``inclusive=False``, as the single-example script);
+    never when ``T >= 1``."""
+    if not needs_probe(threshold_):
         return False
-    return presence >= t if inclusive else presence > t
+    return presence >= threshold_ if inclusive else presence > threshold_

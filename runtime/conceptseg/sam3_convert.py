@@ -17,12 +17,15 @@ processor config. The key rules follow transformers' ``convert_sam3_to_hf.py``.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from conceptseg import vocab
 
 META_PREFIX = "detector."
 # Meta's ViT LayerNorms use eps 1e-5 (sam3/model/vitdet.py); HF's Sam3ViTConfig defaults to 1e-6.
@@ -243,7 +246,7 @@ def check_complete(hf_state: Mapping[str, torch.Tensor], config: Any = None) -> 
 
     The model is instantiated on the meta device (no memory, no initialisation).
     """
-    from transformers import Sam3Config, Sam3Model
+    from transformers import Sam3Config, Sam3Model  # heavy: transformers, only on this path
 
     with torch.device("meta"):
         expected = Sam3Model(config or Sam3Config()).state_dict()
@@ -268,7 +271,7 @@ def meta_sam3_config() -> Any:
     random weights, eight ViT blocks at 1008 px then differ from Meta by 8e-4 (scale 8) instead
     of 5e-6. Every other LayerNorm already uses PyTorch's 1e-5 on both sides.
     """
-    from transformers import Sam3Config
+    from transformers import Sam3Config  # heavy: transformers, only on this path
 
     config = Sam3Config()
     config.vision_config.backbone_config.layer_norm_eps = META_VIT_LAYER_NORM_EPS
@@ -289,10 +292,9 @@ def convert_checkpoint(meta_pt_path: Path, out_dir: Path) -> Path:
     Files: ``config.json`` (:func:`meta_sam3_config`), ``model.safetensors`` (all 1468 tensors,
     checked before writing), CLIP tokenizer files and ``preprocessor_config.json``.
     """
-    from safetensors.torch import save_file
-    from transformers import Sam3ImageProcessor
+    from safetensors.torch import save_file  # heavy: safetensors' torch loader
+    from transformers import Sam3ImageProcessor  # heavy: transformers, only on this path
 
-    from conceptseg import vocab
 
     state = meta_to_hf(load_meta_checkpoint(meta_pt_path))
     config = meta_sam3_config()
@@ -310,7 +312,6 @@ def convert_checkpoint(meta_pt_path: Path, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """``python -m conceptseg.sam3_convert sam3.pt OUT_DIR``."""
-    import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("meta_pt_path", type=Path, help="Meta's sam3.pt")

@@ -1,4 +1,4 @@
-"""Parse the MLLM's tagged answer, whole or chunk by chunk.
+"""Parse the MLLM's tagged answer.
 
 Grammar the model is trained to write (METHOD.md section 4)::
 
@@ -24,8 +24,6 @@ original image is the caller's job (``conceptseg.mosaic.from_canvas``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
 
 from conceptseg.types import Answer, Box
 
@@ -107,88 +105,3 @@ def parse(text: str) -> Answer:
         answer=answer,
         complete=complete,
     )
-
-
-@dataclass(frozen=True)
-class TagEvent:
-    """One thing the stream said: a tag opened or closed, or text inside ``tag``.
-
-    ``tag`` is the lower-case tag name, or ``None`` for text outside any known tag.
-    Text events of one stretch may arrive in several pieces; :func:`coalesce` joins them.
-    """
-
-    kind: Literal["open", "close", "text"]
-    tag: str | None
-    text: str = ""
-
-
-def coalesce(events: list[TagEvent]) -> list[TagEvent]:
-    """Join consecutive text events of the same tag (the split depends on chunking)."""
-    out: list[TagEvent] = []
-    for event in events:
-        if out and event.kind == "text" == out[-1].kind and event.tag == out[-1].tag:
-            out[-1] = TagEvent("text", event.tag, out[-1].text + event.text)
-        elif event.kind != "text" or event.text:
-            out.append(event)
-    return out
-
-
-_TAGS = {f"<{n}>": ("open", n) for n in TAG_NAMES} | {f"</{n}>": ("close", n) for n in TAG_NAMES}
-_LONGEST_TAG = max(map(len, _TAGS))
-
-
-class StreamParser:
-    """Incremental tag parser: ``feed`` each decoded chunk, read events as they happen.
-
-    For any split of a text into chunks, ``result()`` equals ``parse(text)`` and the coalesced
-    events are the same. A chunk ending in what may be the start of a tag (``"<"``, ``"</ans"``)
-    is held back until the next chunk decides it.
-    """
-
-    def __init__(self) -> None:
-        self._text: list[str] = []
-        self._pending = ""  # possible start of a tag, not yet emitted
-        self._current: str | None = None  # tag whose text is streaming now
-        self.closed: set[str] = set()
-
-    def feed(self, chunk: str) -> list[TagEvent]:
-        self._text.append(chunk)
-        buffer, self._pending = self._pending + chunk, ""
-        events: list[TagEvent] = []
-        i = 0
-        while (lt := buffer.find("<", i)) != -1:
-            events.append(TagEvent("text", self._current, buffer[i:lt]))
-            candidate = buffer[lt : lt + _LONGEST_TAG].lower()
-            tag = next((t for t in _TAGS if candidate.startswith(t)), None)
-            if tag is not None:
-                events.append(self._on_tag(*_TAGS[tag]))
-                i = lt + len(tag)
-            elif any(t.startswith(candidate) for t in _TAGS) and lt + len(candidate) == len(buffer):
-                self._pending = buffer[lt:]  # undecided: wait for more text
-                return coalesce(events)
-            else:
-                events.append(TagEvent("text", self._current, "<"))
-                i = lt + 1
-        events.append(TagEvent("text", self._current, buffer[i:]))
-        return coalesce(events)
-
-    def flush(self) -> list[TagEvent]:
-        """End of stream: a held-back partial tag is plain text after all."""
-        pending, self._pending = self._pending, ""
-        return coalesce([TagEvent("text", self._current, pending)])
-
-    def _on_tag(self, kind: str, name: str) -> TagEvent:
-        if kind == "open":
-            self._current = name
-        else:
-            self.closed.add(name)
-            if self._current == name:
-                self._current = None
-        return TagEvent(kind, name)  # type: ignore[arg-type]
-
-    @property
-    def text(self) -> str:
-        return "".join(self._text)
-
-    def result(self) -> Answer:
-        return parse(self.text)

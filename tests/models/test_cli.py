@@ -90,7 +90,7 @@ def _error(argv, capsys):
         ),
         (["--ref", "{d}/ref0.png:{d}/empty_mask.png"], "references[0]: mask is empty"),
         (["--ref", "nocolon"], "--ref #1: 'nocolon' must be IMG:x1,y1,x2,y2"),
-        (["--ref", "{d}/ref0.png:1,1,5,5"] * 5, "references: got 5; give 0 to 4"),
+        (["--ref", "{d}/ref0.png:1,1,5,5"] * 5, "references: got 5; give 0 to 4 references"),
         (["--max-new-tokens", "99999"], "max_new_tokens <= max_length"),
     ],
 )

@@ -50,7 +50,7 @@ with warnings.catch_warnings():  # sam3 warns at import that CUDA autocast is of
 
 from PIL import Image
 
-from conceptseg.backends.torch_ref import TorchSam3, geometry_padding
+from conceptseg.backends.torch_ref import TorchSam3, clip_tokenizer, geometry_padding
 from conceptseg.models.sam3_inputs import Sam3Tokenizer
 from conceptseg.sam3_convert import (
     check_complete,
@@ -153,7 +153,7 @@ def hf_model(meta_model):
 def tokenizer(tmp_path_factory) -> Sam3Tokenizer:
     directory = tmp_path_factory.mktemp("clip_tokenizer")
     write_clip_tokenizer(directory)
-    return Sam3Tokenizer.from_checkpoint(directory)
+    return clip_tokenizer(directory)
 
 
 @pytest.fixture(scope="module")

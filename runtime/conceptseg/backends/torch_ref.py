@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from conceptseg.checkpoints import load_ctm
 from conceptseg.models.ctm import ConceptTranslationModule
@@ -33,6 +35,13 @@ class Sam3Image:
     """SAM 3 image features of one image (what ``encode_image`` returns)."""
 
     vision: Any  # Sam3VisionEncoderOutput
+
+
+def clip_tokenizer(checkpoint: Path) -> Sam3Tokenizer:
+    """SAM 3's tokenizer from the ``vocab.json`` + ``merges.txt`` of a HF checkpoint
+    (transformers' converter); ``Sam3Tokenizer.save`` writes what the engines read."""
+    fast = AutoTokenizer.from_pretrained(checkpoint)
+    return Sam3Tokenizer(Tokenizer.from_str(fast.backend_tokenizer.to_str()), int(fast.pad_token_id))
 
 
 def geometry_padding(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +75,7 @@ class TorchSam3:
         self.model = Sam3Model.from_pretrained(self.directory).eval().to(device)
         self.device = device
         self.side = self.model.config.vision_config.backbone_config.image_size
-        self.tokenize = Sam3Tokenizer.from_checkpoint(self.directory)
+        self.tokenize = clip_tokenizer(self.directory)
         self._text: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._text_cache = text_cache
 

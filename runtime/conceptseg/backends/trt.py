@@ -50,7 +50,7 @@ class TensorRTUnavailable(ImportError):
 def import_tensorrt() -> Any:
     """``import tensorrt`` or raise :class:`TensorRTUnavailable` with install instructions."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional: TensorRT, GPU machines only
     except ImportError as exc:
         raise TensorRTUnavailable(f"TensorRT is not installed ({exc}); {INSTALL_HINT}") from None
     if not str(trt.__version__).startswith("11."):
@@ -63,7 +63,7 @@ def import_tensorrt() -> Any:
 
 def import_torch_cuda() -> Any:
     """``import torch`` with a usable CUDA device, or raise :class:`TensorRTUnavailable`."""
-    import torch
+    import torch  # heavy: torch, only on this path
 
     if not torch.cuda.is_available():
         raise TensorRTUnavailable(
@@ -223,7 +223,7 @@ class TensorRTSession:
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:
-    import torch
+    import torch  # heavy: torch, only on this path
 
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()

@@ -119,7 +119,7 @@ def ctm_states(
 
 
 def _version_check() -> Any:
-    import tensorrt_llm
+    import tensorrt_llm  # optional: TensorRT-LLM, GPU container only
 
     if tensorrt_llm.__version__ != TRTLLM_PIN:
         raise RequestError(
@@ -137,9 +137,13 @@ def register_model_class() -> type:
     if "ConceptSegQwen2_5_VL" in globals():
         return ConceptSegQwen2_5_VL
     _version_check()
-    from tensorrt_llm._torch.models import modeling_qwen2vl as trt_qwen
-    from tensorrt_llm._torch.models.modeling_utils import register_auto_model
-    from tensorrt_llm.inputs import (
+    from tensorrt_llm._torch.models import (
+        modeling_qwen2vl as trt_qwen,  # optional: TensorRT-LLM, GPU container only
+    )
+    from tensorrt_llm._torch.models.modeling_utils import (
+        register_auto_model,  # optional: TensorRT-LLM, GPU container only
+    )
+    from tensorrt_llm.inputs import (  # optional: TensorRT-LLM, GPU container only
         MultimodalPlaceholderMetadata,
         MultimodalPlaceholderPlacement,
         register_input_processor,
@@ -201,8 +205,8 @@ class TrtllmMllm:
         # Out-of-tree model classes register in-process; one GPU needs no worker processes.
         os.environ.setdefault("TLLM_WORKER_USE_SINGLE_PROCESS", "1")
         register_model_class()
-        from tensorrt_llm import LLM
-        from tensorrt_llm.llmapi import KvCacheConfig
+        from tensorrt_llm import LLM  # optional: TensorRT-LLM, GPU container only
+        from tensorrt_llm.llmapi import KvCacheConfig  # optional: TensorRT-LLM, GPU container only
 
         self.checkpoint = Path(checkpoint)
         self.processor = qwen.load_processor(self.checkpoint)
@@ -227,11 +231,13 @@ class TrtllmMllm:
         self.llm.shutdown()
 
     def _sampling(self, prompt_ids: list[int], budget: int) -> Any:
-        from tensorrt_llm import SamplingParams
+        from tensorrt_llm import SamplingParams  # optional: TensorRT-LLM, GPU container only
 
         outputs: Any = [HIDDEN]
         try:  # releases before the string form took AdditionalModelOutput(name, gather_context)
-            from tensorrt_llm.sampling_params import AdditionalModelOutput
+            from tensorrt_llm.sampling_params import (
+                AdditionalModelOutput,  # optional: TensorRT-LLM, GPU container only
+            )
 
             outputs = [AdditionalModelOutput(name=HIDDEN, gather_context=False)]
         except ImportError:

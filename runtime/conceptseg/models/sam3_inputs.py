@@ -11,15 +11,16 @@ No torch and no transformers: this runs inside the Triton orchestrator.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
+import ftfy
 import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
 from conceptseg.protocols import SegOutput
 from conceptseg.types import RequestError
-from conceptseg.vocab import clean_clip_text
 
 TEXT_CONTEXT = 32  # CLIP context of SAM 3's text encoder
 PAD_BOX_LABEL = -10  # the geometry encoder's "not a box" label
@@ -83,10 +84,17 @@ def preprocess(image: Image.Image, side: int) -> np.ndarray:
 # --- text ---------------------------------------------------------------------------------------
 
 
+def clean_clip_text(text: str) -> str:
+    """Meta's SAM 3 text cleaning before BPE: ftfy, HTML unescape (twice), whitespace, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
 class Sam3Tokenizer:
     """Meta's text cleaning, CLIP BPE, padded or truncated to 32 tokens -> ``(ids, mask)`` int64
     (1, 32), on a ``tokenizers.Tokenizer``: :meth:`from_dir` reads the ``tokenizer.json`` that
-    ``conceptseg export`` writes; :meth:`from_checkpoint` converts a checkpoint's CLIP files."""
+    ``conceptseg export`` writes (``backends.torch_ref.clip_tokenizer`` converts a checkpoint's
+    CLIP files)."""
 
     def __init__(self, tokenizer: Tokenizer, pad_id: int) -> None:
         self.tokenizer = tokenizer
@@ -106,14 +114,6 @@ class Sam3Tokenizer:
         tokenizer = Tokenizer.from_file(str(path))
         padding = tokenizer.padding  # saved with the file by :meth:`save`
         return cls(tokenizer, int(padding["pad_id"]) if padding else CLIP_PAD_ID)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Path) -> Sam3Tokenizer:
-        """From the ``vocab.json`` + ``merges.txt`` of a SAM 3 checkpoint (transformers' converter)."""
-        from transformers import AutoTokenizer  # conversion only: torch backend and export
-
-        fast = AutoTokenizer.from_pretrained(checkpoint)
-        return cls(Tokenizer.from_str(fast.backend_tokenizer.to_str()), int(fast.pad_token_id))
 
     def save(self, directory: Path) -> Path:
         """``directory/tokenizer.json``, padding and truncation settings included."""

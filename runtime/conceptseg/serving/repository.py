@@ -105,32 +105,41 @@ def _dims(shape: list[int | str], graph: str, name: str) -> list[int]:
     return [-1 if isinstance(d, str) else int(d) for d in shape[1:]]
 
 
+def _message_text(message: Any, indent: int) -> str:
+    """One ``{ ... }`` list entry of a config, printed by protobuf's own text format."""
+    body = text_format.MessageToString(message, as_one_line=True)
+    return " " * indent + "{ " + body + " }"
+
+
 def _io_block(tensors: list[dict[str, Any]], graph: str) -> str:
+    """``input``/``output`` entries as ``ModelInput`` / ``ModelOutput`` messages (same fields)."""
     items = []
     for t in tensors:
         if t["dtype"] not in _DTYPES:
             raise TemplateError(f"{graph}.{t['name']}: dtype {t['dtype']} has no Triton type here")
-        dims = ", ".join(map(str, _dims(t["shape"], graph, t["name"])))
-        items.append(
-            f'  {{ name: "{t["name"]}" data_type: {_DTYPES[t["dtype"]]} dims: [ {dims} ] }}'
+        io = model_config_pb2.ModelInput(
+            name=t["name"],
+            data_type=model_config_pb2.DataType.Value(_DTYPES[t["dtype"]]),
+            dims=_dims(t["shape"], graph, t["name"]),
         )
+        items.append(_message_text(io, 2))
     return ",\n".join(items)
 
 
 def _warmup_block(manifest: dict[str, Any], graph: str, sizes: dict[str, int]) -> str:
     """One batch-1 warm-up request of zeros; dynamic dims take ``sizes`` (the smallest bucket)."""
-    inputs = []
+    warmup = model_config_pb2.ModelWarmup(name="zeros_batch1", batch_size=1)
     for t in manifest["inputs"]:
         dims = []
         for d in t["shape"][1:]:
             if isinstance(d, str) and d not in sizes:
                 raise TemplateError(f"{graph}.{t['name']}: no warm-up size for dynamic dim {d!r}")
-            dims.append(str(sizes[d] if isinstance(d, str) else d))
-        inputs.append(
-            f'    inputs {{ key: "{t["name"]}" value: {{ data_type: {_DTYPES[t["dtype"]]} '
-            f"dims: [ {', '.join(dims)} ] zero_data: true }} }}"
-        )
-    return '  {\n    name: "zeros_batch1"\n    batch_size: 1\n' + "\n".join(inputs) + "\n  }"
+            dims.append(sizes[d] if isinstance(d, str) else int(d))
+        entry = warmup.inputs[t["name"]]
+        entry.data_type = model_config_pb2.DataType.Value(_DTYPES[t["dtype"]])
+        entry.dims.extend(dims)
+        entry.zero_data = True
+    return _message_text(warmup, 2)
 
 
 def read_json(path: Path, hint: str) -> dict[str, Any]:
