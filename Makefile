@@ -14,7 +14,7 @@ STUB_NUMPY := numpy==1.26.4
 CUDART := nvidia-cuda-runtime-cu12==12.9.79
 PERF_STAMP := $(VENV)/.perf-tools
 
-.PHONY: install test test-slow lint demo synth clean perf-tools bench-serve
+.PHONY: install test test-slow test-deploy lint demo synth clean perf-tools bench-serve
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# the Helm chart, KServe example and adapter rule, rendered and validated offline (seconds)
+test-deploy: install
+	$(PY) -m pytest -q tests/deploy
 
 lint: install
 	$(VENV)/bin/ruff check runtime export tests benchmarks triton_repo
