@@ -1,4 +1,4 @@
-"""``conceptseg`` command line: synth, export, segment, serve, client, demo.
+"""``conceptseg`` command line: synth, export, segment, serve, client, demo, eval.
 
 Bad input (a path, a box, a prompt) ends with one line ``error: <argument>: <what and how to
 fix it>`` and exit status 2; never a traceback from inside a library.
@@ -89,13 +89,14 @@ def _config(args: argparse.Namespace) -> Any:
         raise RequestError("--preset/--max-new-tokens/CONCEPTSEG_*", str(exc)) from None
 
 
-def _pipeline(args: argparse.Namespace, request: Request) -> Any:
+def _pipeline(args: argparse.Namespace, request: Request | None = None) -> Any:
     """Check the request first (cheap), then load the models."""
     from conceptseg.backends import build_pipeline
     from conceptseg.pipeline import check_request
 
     config = _config(args)
-    check_request(request, config)
+    if request is not None:
+        check_request(request, config)
     engines = Path(args.engines) if args.engines else None
     return build_pipeline(
         Path(args.weights),
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--in-process", action="store_true", help="run the pipeline here, no server")
     p.set_defaults(func=cmd_demo)
+    from conceptseg.evaluate import register as register_eval
+
+    register_eval(sub)
     return parser
 
 
