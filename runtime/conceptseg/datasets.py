@@ -272,8 +272,10 @@ def polygons_to_mask(shapes: list[dict], size_hw: tuple[int, int]) -> np.ndarray
 
     def paint(canvas: Image.Image, points: list, value: int) -> None:
         xy = [(int(x), int(y)) for x, y in np.asarray(points, dtype=np.float64).astype(np.int32)]
-        if xy:
-            ImageDraw.Draw(canvas).polygon(xy, fill=value, outline=value)
+        if xy:  # OpenCV's fillPoly + polylines(thickness 1), to within a few edge pixels
+            draw = ImageDraw.Draw(canvas)
+            draw.polygon(xy, fill=value)
+            draw.line(xy + xy[:1], fill=value, width=1)
 
     areas = []
     for shape in polys:
