@@ -1,20 +1,12 @@
-"""What every export manifest records: file hashes and the versions that made the graphs."""
+"""What every export manifest records: file hashes (``conceptseg.weights.sha256_files``) and
+the versions that made the graphs."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 from conceptseg.versions import package_versions
+from conceptseg.weights import sha256_files
 
-
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over the bytes of ``paths`` in order (a checkpoint's shards, a graph + data)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()
+__all__ = ["export_versions", "sha256_files"]
 
 
 def export_versions() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""``conceptseg`` command line: synth, export, segment, serve, client, demo.
+"""``conceptseg`` command line: synth, export, segment, serve, client, demo, eval.
 
 Bad input (a path, a box, a prompt) ends with one line ``error: <argument>: <what and how to
 fix it>`` and exit status 2; never a traceback from inside a library.
@@ -15,13 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conceptseg import config as cfg
-from conceptseg import contract
-from conceptseg.build import MLLM_BACKENDS, SEG_BACKENDS, build_pipeline
+from conceptseg import contract, evaluate
+from conceptseg.build import MLLM_BACKENDS
 from conceptseg.inputs import parse_ref, read_image
 from conceptseg.masks import to_png
 from conceptseg.models.engines import SAM3_PRECISIONS
-from conceptseg.pipeline import check_request
+from conceptseg.pipeline_args import (
+    add_config_args,
+    add_pipeline_args,
+    config_from_args,
+    pipeline_from_args,
+)
 from conceptseg.samples import sample_request
 from conceptseg.types import Request, RequestError, Result, UsageError
 from conceptseg.weights import is_synthetic
@@ -44,33 +48,6 @@ def write_outputs(result: Result, prefix: str) -> tuple[Path, Path]:
         base.with_name(f"{base.name}.instance{i}.png").write_bytes(to_png(instance.mask))
     js.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return png, js
-
-
-def _config(args: argparse.Namespace) -> Any:
-    overrides: dict[str, Any] = {"router": not args.no_router}
-    if args.max_new_tokens:
-        overrides["max_new_tokens"] = args.max_new_tokens
-    try:
-        return cfg.from_env(cfg.from_name(args.preset, **overrides))
-    except (ValueError, AssertionError) as exc:
-        raise UsageError("--preset/--max-new-tokens/CONCEPTSEG_*", str(exc)) from None
-
-
-def _pipeline(args: argparse.Namespace, request: Request) -> Any:
-    """Check the request first (cheap), then load the models."""
-    config = _config(args)
-    check_request(request, config)
-    engines = Path(args.engines) if args.engines else None
-    return build_pipeline(
-        Path(args.weights),
-        backend=args.backend,
-        mllm_backend=args.mllm_backend,
-        engines=engines,
-        config=config,
-        plans=Path(args.plans) if args.plans else None,
-        mllm_precision=args.mllm_precision,
-        sam3_precision=args.sam3_precision,
-    )
 
 
 def _report(result: Result, png: Path, js: Path, weights: Path) -> None:
@@ -98,7 +75,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         question=args.prompt,
         references=tuple(parse_ref(spec, i) for i, spec in enumerate(args.ref or [])),
     )
-    pipeline = _pipeline(args, request)
+    pipeline = pipeline_from_args(args, request)
     threshold = args.instance_threshold if args.instances else None
     with _text_printer(args.stream) as on_text:
         result = pipeline.run(request, on_text, instances=threshold)
@@ -145,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"sample: target {out / 'target.png'}, prompt {request.question!r}, {len(request.references)} references"
     )
     if args.in_process:
-        result = _pipeline(args, request).run(request)
+        result = pipeline_from_args(args, request).run(request)
         png, js = write_outputs(result, str(out / "demo"))
         _report(result, png, js, weights)
         return
@@ -211,7 +188,7 @@ def _serve_config(
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
-        pipeline_config=dataclasses.asdict(_config(args)),
+        pipeline_config=dataclasses.asdict(config_from_args(args)),
     )
 
 
@@ -281,40 +258,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     export_main(from_cli_args(args))
 
 
-def _add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = None) -> None:
-    p.add_argument(
-        "--weights",
-        required=weights_default is None,
-        default=weights_default,
-        help="directory with mllm/ and sam3/ checkpoints",
-    )
-    p.add_argument("--backend", default="torch", choices=SEG_BACKENDS,
-                   help="SAM 3 and CTM backend")  # fmt: skip
-    p.add_argument(
-        "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime"
-    )
-    p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
-    p.add_argument("--mllm-backend", default="hf", choices=MLLM_BACKENDS, help="MLLM backend")
-    p.add_argument(
-        "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
-    )
-    p.add_argument("--sam3-precision", default="fp32", choices=SAM3_PRECISIONS,
-                   help="onnxruntime: int8 runs the image encoder with int8 weights")  # fmt: skip
-    _add_config_args(p)
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    """The pipeline switches (``PipelineConfig``) that ``segment``, ``demo`` and ``serve`` take."""
-    p.add_argument("--preset", default="reference", choices=sorted(cfg.PRESETS),
-                   help="pipeline preset")  # fmt: skip
-    p.add_argument(
-        "--no-router", action="store_true", help="always run the MLLM (skip the SAM 3 probe)"
-    )
-    default = cfg.PipelineConfig().max_new_tokens
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help=f"cap on generated tokens (default {default})")  # fmt: skip
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conceptseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -328,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     trt_build.register(sub)
     p = sub.add_parser("segment", help="segment one image")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
     p.add_argument("--image", required=True, help="target image (PNG/JPEG)")
     p.add_argument("--prompt", required=True, help="the concept, e.g. 'red mug'")
     p.add_argument(
@@ -370,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another Triton build's binary (gpu; with --backend-dir)",
     )
     p.add_argument("--backend-dir", default=None, help="its backends directory (gpu: tensorrt)")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("client", help="send one request to a running server")
     p.add_argument("--url", required=True, help="HOST:PORT (or http://, grpc://)")
@@ -391,10 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="the bundled sample through the Triton server (creates weights and engines)"
     )
-    _add_pipeline_args(p, weights_default="weights/tiny")
+    add_pipeline_args(p, weights_default="weights/tiny")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--in-process", action="store_true", help="run the pipeline here, no server")
     p.set_defaults(func=cmd_demo)
+    evaluate.register(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ Pure (json and paths): the CLI checks ``--weights`` before a model loads; the lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -69,3 +70,13 @@ def check_weights(weights: Path) -> tuple[Path, Path]:
                 f"{directory}/config.json has model_type {found!r}, expected {kind!r}",
             )
     return mllm, sam3
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the bytes of ``paths`` in order (a checkpoint's shards; what the engine
+    manifests record as ``source_sha256``)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            hashlib.file_digest(fh, lambda: digest)  # one running digest over every file
+    return digest.hexdigest()

@@ -27,8 +27,8 @@ from crd_schemas import is_custom, validate_custom
 
 from conceptseg.cli import build_parser
 from conceptseg.gpu_stack import load as load_gpu_stack
-from conceptseg.serving.server import ServeConfig
 from conceptseg.serving.repository import ENGINE_MODELS, MODELS
+from conceptseg.serving.server import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
