@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import conceptseg
 from conceptseg.models.engines import find_plans
 from conceptseg.serving.repository import (
     RepoOptions,
@@ -100,12 +101,15 @@ def prepare_backends(install: TritonInstall, dest: Path) -> Path:
 
 
 def prepare_stub_env(dest: Path) -> Path:
-    """A venv over this one whose ``python3`` the stub finds on PATH; numpy 1.26 goes first."""
+    """A venv over this one whose ``python3`` the stub finds on PATH; numpy 1.26 goes first,
+    then the source root of the ``conceptseg`` this process runs (so the models import the same
+    code as the launcher, whatever checkout it comes from), then this venv's site-packages."""
     venv.create(dest, with_pip=False, symlinks=True, clear=True)
     site = Path(sysconfig.get_paths(vars={"base": str(dest), "platbase": str(dest)})["purelib"])
     ours = sysconfig.get_paths()["purelib"]
+    source = Path(conceptseg.__file__).resolve().parents[1]
     (site / "_conceptseg_stub.pth").write_text(
-        f"{STUB_SITE}\nimport site; site.addsitedir({ours!r})\n"
+        f"{STUB_SITE}\n{source}\nimport site; site.addsitedir({ours!r})\n"
     )
     return dest
 
