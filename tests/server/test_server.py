@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
+
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ from PIL import Image
 
 from conceptseg import contract
 from conceptseg.client import AsyncClient, Client, ServerError
+from conceptseg.masks import iou
+from conceptseg.pipeline import Pipeline
 from conceptseg.samples import sample_request
 from conceptseg.types import Request
 
@@ -100,6 +106,39 @@ def test_router_off_reasons_and_instances_come_back(http, reference, sample):
     assert all(
         0 <= b[0] <= b[2] <= w and 0 <= b[1] <= b[3] <= h for b in (i["bbox"] for i in instances)
     )
+    # in-process, the same pipeline returns the same instances (Result.instances)
+    no_router = Pipeline(reference.seg, reference.mllm, reference.ctm,
+                         replace(reference.cfg, router=False))  # fmt: skip
+    local = no_router.run(Request(sample.image, FAST), instances=0.0)
+    assert [i["score"] for i in local.to_json()["instances"]] == pytest.approx(
+        [i["score"] for i in instances], abs=1e-5
+    )
+    assert all(
+        iou(a.mask, b) > 0.99 for a, b in zip(local.instances, served.instance_masks, strict=True)
+    )
+
+
+ORCHESTRATOR = re.compile(rb"conceptseg(_stream)?_\d+_\d+")  # the stub's instance-name argument
+
+
+def test_orchestrator_stubs_hold_no_torch(http, sample):
+    """The orchestrator's stub processes (conceptseg, conceptseg_stream) never map libtorch or
+    load transformers' code: numpy, PIL and tokenizers only (about 90 MiB resident each here,
+    against about 920 MiB when they imported torch)."""
+    http.segment(sample.image, FAST)  # every lazy path of a request has run
+    stubs = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub"):
+            name = next((a.decode() for a in argv if ORCHESTRATOR.fullmatch(a)), None)
+            if name is not None:
+                stubs[name] = (proc / "maps").read_text()
+    assert len(stubs) >= 2, f"orchestrator stubs not found: {sorted(stubs)}"
+    for name, maps in stubs.items():
+        assert "libtorch" not in maps and "/transformers/" not in maps, f"{name} loaded torch"
 
 
 def _bad_inputs(sample):
