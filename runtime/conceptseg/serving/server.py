@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conceptseg import gpu_stack
 from conceptseg.models.engines import find_plans
 from conceptseg.serving.repository import (
     RepoOptions,
@@ -253,7 +254,8 @@ class Server:
             raise RequestError(
                 "--profile gpu",
                 "the pytriton wheel's server has only the python backend; give --tritonserver "
-                "and --backend-dir of a Triton 2.51 build with tensorrt (the NGC container)",
+                "and --backend-dir of a Triton build with the tensorrt backend: the deployment "
+                f"image {gpu_stack.load().image} (FROM {gpu_stack.load().triton_image})",
             )
         backends = prepare_backends(install, self.workdir / "backends")
         self.env = server_env(install, prepare_stub_env(self.workdir / "stub-env"))
