@@ -43,7 +43,7 @@ class GpuStack:
         return self["tensorrt"].split(".")[0]
 
     def requirement(self, component: str) -> str:
-        """The pip requirement of a component at the stack's version, e.g. ``tensorrt==10.14.1.48``."""
+        """The pip requirement of a component at the stack's version (``tensorrt==<version>``)."""
         names = {"modelopt": "nvidia-modelopt[onnx]", "tensorrt_llm": "tensorrt_llm"}
         return f"{names.get(component, component)}=={self[component]}"
 

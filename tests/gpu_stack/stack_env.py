@@ -86,7 +86,7 @@ def build(out: Path = DEFAULT_OUT) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run([str(python312()), "-m", "venv", str(out)], check=True)
         subprocess.run([*pip, *requirements()], check=True)
-        freeze = subprocess.run([str(python), "-m", "pip", "freeze"], check=True,
+        freeze = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], check=True,
                                 capture_output=True, text=True).stdout  # fmt: skip
         constraints.write_text(freeze)
         (out / ".env").write_text(env_stamp())

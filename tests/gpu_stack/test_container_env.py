@@ -32,7 +32,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 import stack_env as venv
 
 HERE = Path(__file__).resolve().parent

@@ -23,6 +23,7 @@ whole group after ``exit_timeout``), and it gets SIGTERM if this process dies wi
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -195,6 +196,20 @@ def _command(cfg: ServeConfig, binary: Path, repo: Path, backends: Path) -> list
     return cmd
 
 
+def check_plan_tensorrt(plans: Path) -> None:
+    """Every ``<graph>.plan.json`` in ``plans`` records the deployment container's TensorRT (a
+    plan deserializes only in the TensorRT that built it), or RequestError in one line."""
+    want = gpu_stack.load()["tensorrt"]
+    for record in sorted(Path(plans).glob("*.plan.json")):
+        built = json.loads(record.read_text()).get("tensorrt_version", "unknown")
+        if built != want:
+            raise RequestError(
+                "--plans",
+                f"{record.name} was built by TensorRT {built}; the container has TensorRT {want}: "
+                f"rebuild with `{gpu_stack.load().rebuild_hint()}`",
+            )
+
+
 class Server:
     """A running ``tritonserver``; ``start`` returns once every model is ready."""
 
@@ -218,6 +233,8 @@ class Server:
         plans = cfg.plans
         if cfg.profile == "gpu" and plans is None:
             plans = find_plans(engines)
+        if cfg.profile == "gpu":
+            check_plan_tensorrt(Path(plans))
         external = cfg.tritonserver is not None
         if external != (cfg.backend_dir is not None):
             raise RequestError(

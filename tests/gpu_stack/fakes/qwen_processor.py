@@ -35,6 +35,6 @@ class ImagesOnlyProcessor:
             pieces = prompt.split(IMAGE_PAD)
             assert len(pieces) == len(images) + 1, "one <|image_pad|> per image"
             counts = [int(np.prod(g)) // merge for g in out["image_grid_thw"]]
-            prompt = pieces[0] + "".join(IMAGE_PAD * n + p for n, p in zip(counts, pieces[1:]))
+            prompt = pieces[0] + "".join(IMAGE_PAD * n + p for n, p in zip(counts, pieces[1:], strict=True))
         out["input_ids"] = np.array([self.tokenizer(prompt)["input_ids"]])
         return out
