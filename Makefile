@@ -14,20 +14,28 @@ STUB_NUMPY := numpy==1.26.4
 CUDART := nvidia-cuda-runtime-cu12==12.9.79
 PERF_STAMP := $(VENV)/.perf-tools
 
-.PHONY: install test test-slow test-deploy lint demo synth clean perf-tools bench-serve
+# the container-equivalent env (tests/gpu_stack): Python 3.12 + the NGC release's packages
+GPU_STACK_VENV := .venv-gpu-stack
 
-install: $(STAMP)
+.PHONY: install gpu-stack-venv test test-slow test-deploy lint demo synth clean perf-tools bench-serve
+
+install: $(STAMP) gpu-stack-venv
+
+# re-run every time: stack_env.py itself is a no-op while its stamps match (package edits reinstall it)
+gpu-stack-venv: $(STAMP)
+	$(PY) tests/gpu_stack/stack_env.py --out $(GPU_STACK_VENV)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,serve]'
+	$(PY) -m pip install -q -e '.[cpu,test,serve]'
 	$(PY) -m pip install -q --no-deps '$(PYTRITON)'
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-stub-site '$(STUB_NUMPY)'
 	bash tests/meta_sam3_requirements.sh  # Meta's sam3, test-only, without its conflicting pins
 	touch $@
 
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -37,8 +45,11 @@ test-slow: install
 test-deploy: install
 	$(PY) -m pytest -q tests/deploy
 
+# ruff; the import contract (pyproject [tool.importlinter]); mypy resolves every import and checks
 lint: install
 	$(VENV)/bin/ruff check runtime export tests benchmarks triton_repo
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy
 
 synth: install
 	$(VENV)/bin/conceptseg synth --out $(WEIGHTS) --size tiny
@@ -65,4 +76,4 @@ bench-serve: perf-tools
 	$(PY) benchmarks/bench.py serve --engines $(ENGINES)
 
 clean:
-	rm -rf $(VENV) weights out engines/tiny
+	rm -rf $(VENV) $(GPU_STACK_VENV) weights out engines/tiny

@@ -56,7 +56,10 @@ def write_plan_records(engines: Path, plans: Path, graphs) -> None:
             for kind in ("inputs", "outputs")
         }
         profiles = [{"index": i, **p.to_json()} for i, p in enumerate(profiles_for(name, manifest))]
-        record = {"graph": name, **io, "profiles": profiles}
+        from conceptseg import gpu_stack
+
+        record = {"graph": name, **io, "profiles": profiles,
+                  "tensorrt_version": gpu_stack.load()["tensorrt"]}  # fmt: skip
         (plans / f"{name}.plan.json").write_text(json.dumps(record))
         (plans / f"{name}.plan").write_bytes(b"")
 

@@ -145,7 +145,7 @@ def _fold(path: Path, external: bool) -> None:
         return
     model = onnxscript.optimizer.optimize(model)
     for stale in path.parent.glob(f"{path.name}*"):
-        stale.unlink()
+        stale.unlink(missing_ok=True)
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{path.name}.data")  # fmt: skip
@@ -164,7 +164,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     )
     if spec.prepare is not None:
         spec.prepare()
-    for stale in out_dir.glob(f"{spec.name}.onnx*"):
+    for stale in [*out_dir.glob(f"{spec.name}.onnx*"), out_dir / f"{spec.name}.sample.npz"]:
         stale.unlink()
     reference = _run_eager(spec.module, feeds)  # one eager run before export
     start = time.perf_counter()
@@ -196,6 +196,8 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
         "export_seconds": round(export_s, 2),
         "versions": export_versions(),
     }
+    # the inputs of the eager run: AutoCast's calibration and the plans' verification inputs
+    np.savez(out_dir / f"{spec.name}.sample.npz", **{k: v.numpy() for k, v in feeds.items()})
     (out_dir / f"{spec.name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -1,8 +1,9 @@
-"""Which ONNX ops of a graph the pinned TensorRT's ONNX parser cannot import.
+"""Which ONNX ops of a graph the deployment TensorRT's ONNX parser cannot import.
 
 The supported set is data: ``trt_supported_ops.json`` beside this file, read from onnx-tensorrt's
-``docs/operators.md`` at the commit the pinned TensorRT release builds its parser from (the file
-names it). Only the default ONNX domain ("" or "ai.onnx") is checked against it; every node of
+``docs/operators.md`` at the commit a TensorRT release builds its parser from (the file names it).
+When that release's major is not the deployment container's (``gpu_stack.toml``), the table's
+``deployment.unverified_ops`` (ops not in an older list of that major) count as unsupported. Only the default ONNX domain ("" or "ai.onnx") is checked against it; every node of
 another domain (com.microsoft, ai.onnx.ml, plugins) counts as unsupported. Nodes inside subgraphs
 (If/Loop/Scan bodies) and inside model-local functions are walked; a call to a model-local
 function is not itself an op (the parser inlines the function), its body is.
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
+
+from conceptseg import gpu_stack
 
 if TYPE_CHECKING:
     import onnx
@@ -73,8 +76,17 @@ def _load(onnx_path: str | Path) -> onnx.ModelProto:
     return onnx.load(str(onnx_path), load_external_data=False)
 
 
+def deployment_supported(table: dict) -> set[str]:
+    """The ops taken as supported by the deployment container's TensorRT."""
+
+    supported = set(table["supported_ops"])
+    if str(table["tensorrt_version"]).split(".")[0] != gpu_stack.load().tensorrt_major:
+        supported -= set(table.get("deployment", {}).get("unverified_ops", supported))
+    return supported
+
+
 def _unsupported(counts: Counter[str], table: Path) -> dict[str, int]:
-    supported = set(supported_ops(table)["supported_ops"])
+    supported = deployment_supported(supported_ops(table))
     return {op: n for op, n in sorted(counts.items()) if op not in supported}
 
 

@@ -1,10 +1,13 @@
 """``conceptseg build-engines``: TensorRT plans from exported ONNX graphs, checked against ORT.
 
 Writes ``OUT/<graph>.plan`` + ``OUT/<graph>.plan.json`` (I/O names, shapes and dtypes, profiles,
-precision, TensorRT version, GPU, build time, source sha256, verification) per graph, reusing one
-timing cache (loaded if present, saved after every build). Verification runs each profile's opt
-shapes with random inputs through the plan and through ONNX Runtime (CPU) on the fp32 source
-graph; every element must satisfy |trt - ort| <= atol + rtol |ort| (``TOLERANCES``).
+precision, the TensorRT that built it, GPU, build time, sha256 of the ONNX and of its external
+weights, verification) per graph, reusing one timing cache (loaded if present, saved after every
+build). A plan loads only in the TensorRT that built it: the build refuses any TensorRT but the
+deployment container's (``gpu_stack.toml``) unless ``--any-tensorrt``, and ``serve --profile gpu``
+refuses plans recorded with another. Verification runs the export's sample inputs and each
+profile's opt shapes with random inputs through the plan and through ONNX Runtime (CPU) on the
+fp32 source graph, and judges the error statistics against ``trt_verify.LIMITS``.
 
 Contract with the exporter (``conceptseg export``): ``engines/NAME/<graph>.onnx`` (fp32) beside
 ``<graph>.json`` = ``{"inputs"|"outputs": [{"name", "shape", "dtype"}], "opset"}`` where a string in
@@ -14,15 +17,17 @@ table ``DIM_RULES`` below (data: edit it, not the code):
 - ``latency``: every dynamic dim at one exact value (min = opt = max); a dim with several
   latency values (the CTM's ``seq`` buckets 128/256/512/768) gives one profile per value,
   ``latency_seq128`` ... The runtime pads to a bucket, so each call hits an exact-shape profile.
-- ``throughput``: one profile with ranges (batch 1..8, opt 4; seq 128..768, opt 256).
+- ``throughput``: one profile with ranges (batch 1..8, opt 4; seq 128..``CTM_MAX_SEQ``, opt 256:
+  beyond 768 the runtime pads to multiples of 768, up to the bucket of the longest completion).
 
-Precision (TensorRT 11 builds strongly typed networks only; the BuilderFlag.FP16/BF16/FP8 flags
-are gone): ``fp32`` builds the ONNX as is, with TF32 off; ``fp16``/``bf16`` first convert the
-graph with NVIDIA ModelOpt AutoCast (``--keep_io_types``: inputs and outputs stay fp32), as
-NVIDIA's 10.x -> 11.x migration guide and ``samples/python/strongly_type_autocast`` do, in the
-interpreter given by ``--autocast-python``;
-``--fp8`` needs FP8 Q/DQ nodes already in the ONNX (explicit quantization, e.g. ModelOpt
-``modelopt.onnx.quantization --quantize_mode fp8``) and builds it as is.
+Precision: networks are strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: weak
+typing is deprecated in TensorRT 10 and gone in 11), so the ONNX's own types give it: ``fp32``
+builds the ONNX as is, with TF32 off; ``fp16``/``bf16`` first convert the graph with NVIDIA
+ModelOpt AutoCast (``--keep_io_types``: inputs and outputs stay fp32; calibrated on the export's
+``<graph>.sample.npz``), in the interpreter given by ``--autocast-python``; ``--fp8`` needs FP8
+Q/DQ nodes already in the ONNX (explicit quantization, e.g. ModelOpt
+``modelopt.onnx.quantization --quantize_mode fp8``) and builds it as is: the other ops stay
+fp32, and the record says ``fp8+fp32``.
 
     conceptseg build-engines --onnx engines/tiny --precision fp16
     python -m conceptseg_export.trt_build --onnx engines/tiny --no-verify
@@ -44,19 +49,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from conceptseg import gpu_stack
 from conceptseg.backends.trt import TENSORRT_PIN, TensorRTUnavailable, import_tensorrt
-from conceptseg.models.engines import CTM_BUCKETS  # the runtime pads completion states to these
+from conceptseg.config import PipelineConfig
+from conceptseg.models.engines import CTM_BUCKETS, bucket  # the runtime pads states to these
 from conceptseg.types import UsageError
 from conceptseg_export import cli_args
 from conceptseg_export.op_check import tensorrt_graphs
-from conceptseg_export.trt_verify import check_against_onnxruntime
+from conceptseg_export.trt_verify import LIMITS, check_against_onnxruntime
 
 log = logging.getLogger(__name__)
 
-MODELOPT_PIN = "0.47.0"  # PyPI nvidia-modelopt, for AutoCast (fp16/bf16) and FP8 quantization
+# nvidia-modelopt[onnx], for AutoCast (fp16/bf16) and FP8 quantization: the container's own
+MODELOPT_REQUIREMENT = gpu_stack.load().requirement("modelopt")
 PRECISIONS = ("fp32", "fp16", "bf16")
-# (rtol, atol) of |trt - onnxruntime_fp32| <= atol + rtol * |onnxruntime_fp32|, every element.
-TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2), "fp8": (1e-1, 1e-1)}
+# the longest CTM sequence the runtime sends: the bucket of the longest possible completion
+CTM_MAX_SEQ = bucket(PipelineConfig().max_length, CTM_BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,8 @@ class DimRule:
 # (graph, dimension name) -> rule; graph "*" matches every graph; the graph's own entry wins.
 DIM_RULES: dict[tuple[str, str], DimRule] = {
     ("*", "batch"): DimRule(latency=(1,), throughput=(1, 4, 8)),
-    # at most 768 generated tokens (PipelineConfig.max_new_tokens), so 768 bounds the sequence
-    ("ctm", "seq"): DimRule(latency=CTM_BUCKETS, throughput=(128, 256, 768)),
+    # max_new_tokens <= max_length; beyond the last bucket lengths pad to its multiples
+    ("ctm", "seq"): DimRule(latency=CTM_BUCKETS, throughput=(128, 256, CTM_MAX_SEQ)),
     # the runtime always sends exactly one padding box (label -10, METHOD.md section 6)
     ("sam3_heads", "num_boxes"): DimRule(latency=(1,), throughput=(1, 1, 1)),
 }
@@ -112,11 +120,22 @@ class BuildConfig:
         default=None, metadata={"help": "python with nvidia-modelopt[onnx] (fp16/bf16)"}
     )
     verbose: bool = field(default=False, metadata={"help": "TensorRT verbose log"})
+    any_tensorrt: bool = field(
+        default=False,
+        metadata={"help": "build with the installed TensorRT even if it is not the container's "
+                  "(e.g. on Jetson); serve --profile gpu refuses such plans"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.onnx = Path(self.onnx)
         if self.precision not in PRECISIONS:
             raise BuildError("--precision", f"{self.precision!r} is not one of {PRECISIONS}")
+        if self.fp8 and self.precision != "fp32":
+            raise BuildError(
+                "--fp8",
+                f"--fp8 builds the Q/DQ graph as is: its other ops stay fp32, not "
+                f"{self.precision}. Use --fp8 alone (recorded as fp8+fp32)",
+            )
         if self.workspace_gb <= 0:
             raise BuildError("--workspace-gb", f"must be > 0, got {self.workspace_gb}")
         tag = self.precision + ("-fp8" if self.fp8 else "")
@@ -125,8 +144,13 @@ class BuildConfig:
         self.graphs = tuple(self.graphs)
 
     @property
-    def tolerance(self) -> tuple[float, float]:
-        return TOLERANCES["fp8" if self.fp8 else self.precision]
+    def label(self) -> str:
+        """What the plan computes in: ``fp8+fp32`` for Q/DQ graphs (the rest stays fp32)."""
+        return "fp8+fp32" if self.fp8 else self.precision
+
+    @property
+    def limits(self) -> Any:
+        return LIMITS["fp8" if self.fp8 else self.precision]
 
 
 # --- command line: generated from the dataclass fields -------------------------------------------
@@ -259,7 +283,7 @@ def _graph_paths(cfg: BuildConfig) -> list[Path]:
 
 
 def to_strongly_typed_source(src: Path, cfg: BuildConfig) -> Path:
-    """The ONNX whose own types give the engine's precision (TensorRT 11 is strongly typed).
+    """The ONNX whose own types give the engine's precision (strongly typed networks).
 
     fp16/bf16 run ModelOpt AutoCast's CLI in ``cfg.autocast_python``: a separate interpreter,
     because ``nvidia-modelopt[onnx]`` pins onnx and onnxruntime-gpu versions this project does
@@ -268,6 +292,7 @@ def to_strongly_typed_source(src: Path, cfg: BuildConfig) -> Path:
     if cfg.fp8 or cfg.precision == "fp32":
         return src  # fp8: checked for FP8 Q/DQ in main(); fp32: as exported
     dst = cfg.out / f"{src.stem}.{cfg.precision}.onnx"
+    calibration = sample_inputs(src)
     command = [
         str(cfg.autocast_python or sys.executable),
         "-m",
@@ -279,6 +304,9 @@ def to_strongly_typed_source(src: Path, cfg: BuildConfig) -> Path:
         "--low_precision_type",
         cfg.precision,
         "--keep_io_types",
+        # which nodes stay fp32 is decided on these (None would mean random ids, masks, boxes)
+        "--calibration_data",
+        str(calibration),
     ]
     log.info("%s: AutoCast fp32 -> %s: %s", src.name, cfg.precision, shlex.join(command))
     run = subprocess.run(command, capture_output=True, text=True)
@@ -288,13 +316,31 @@ def to_strongly_typed_source(src: Path, cfg: BuildConfig) -> Path:
         raise BuildError(
             "--autocast-python",
             f"{command[0]} has no ModelOpt. Make one: python -m venv "
-            f".venv-modelopt && .venv-modelopt/bin/pip install 'nvidia-modelopt[onnx]=={MODELOPT_PIN}'"
-            ", then pass --autocast-python .venv-modelopt/bin/python",
+            f".venv-modelopt && .venv-modelopt/bin/pip install '{MODELOPT_REQUIREMENT}'"
+            ", then pass --autocast-python .venv-modelopt/bin/python (the image has it)",
         )
     tail = "\n".join(run.stderr.strip().splitlines()[-5:])
     raise BuildError(
         src.name, f"AutoCast to {cfg.precision} failed (exit {run.returncode}):\n{tail}"
     )
+
+
+def sample_inputs(onnx_path: Path) -> Path:
+    """``<graph>.sample.npz``: the export's own inputs, keyed by ONNX input name."""
+    path = onnx_path.with_suffix(".sample.npz")
+    if not path.is_file():
+        raise BuildError(
+            onnx_path.name,
+            f"no {path.name} beside it (AutoCast's calibration and the verification inputs); "
+            "re-run `conceptseg export`",
+        )
+    return path
+
+
+def graph_hashes(onnx_path: Path) -> dict[str, str]:
+    """sha256 of ``<graph>.onnx`` and of its external weights ``<graph>.onnx.data``, if any."""
+    files = [onnx_path, Path(str(onnx_path) + ".data")]
+    return {p.name: _sha256(p) for p in files if p.is_file()}
 
 
 def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
@@ -357,7 +403,8 @@ def build_plan(
     """Serialized plan, network I/O description and the updated timing cache."""
     logger = trt.Logger(trt.Logger.VERBOSE if cfg.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # strongly typed: the only mode in TensorRT 11
+    # strongly typed: precision from the ONNX's types (TensorRT 10: the flag; 11: always, flag ignored)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     _parse(trt, network, logger, onnx_path)
     io = _io(network, graph)
     expected = {k: sorted(t["name"] for t in manifest[k]) for k in ("inputs", "outputs")}
@@ -415,13 +462,14 @@ def _plan_record(
     return {
         "graph": graph,
         "plan": f"{graph}.plan",
-        "precision": cfg.precision,
+        "precision": cfg.label,
         "fp8": cfg.fp8,
         "strongly_typed": True,
         "source_onnx": str(src),
         "source_onnx_sha256": _sha256(src),
+        "source_sha256": graph_hashes(src),  # the graph and its external weights
         "built_from": str(built_from),  # the AutoCast graph for fp16/bf16, else the source
-        "built_from_sha256": _sha256(built_from),
+        "built_from_sha256": graph_hashes(built_from),
         **io,
         "profiles": [{"index": i, **p.to_json()} for i, p in enumerate(profiles)],
         "tensorrt_version": trt_version,
@@ -442,9 +490,9 @@ def _check_fp8(paths: list[Path]) -> None:
     if plain:
         raise BuildError(
             "--fp8",
-            f"{plain} have no FP8 QuantizeLinear/DequantizeLinear; TensorRT 11 "
-            "takes FP8 only as explicit quantization. Quantize them with ModelOpt (its own venv: "
-            f"pip install 'nvidia-modelopt[onnx]=={MODELOPT_PIN}'; python -m "
+            f"{plain} have no FP8 QuantizeLinear/DequantizeLinear; strongly typed "
+            "networks take FP8 only as explicit quantization. Quantize them with ModelOpt (its own venv: "
+            f"pip install '{MODELOPT_REQUIREMENT}'; python -m "
             "modelopt.onnx.quantization --quantize_mode fp8 ...) into a copy of the directory",
         )
 
@@ -467,7 +515,14 @@ def main(cfg: BuildConfig) -> Path:
     except TensorRTUnavailable as exc:
         raise BuildError("tensorrt", str(exc)) from None
     if trt.__version__ != TENSORRT_PIN:
-        log.warning("tensorrt %s is not the pinned %s", trt.__version__, TENSORRT_PIN)
+        if not cfg.any_tensorrt:
+            raise BuildError(
+                "tensorrt",
+                f"installed TensorRT {trt.__version__} is not the deployment container's "
+                f"{TENSORRT_PIN}: its plans would not load there. Build in the image "
+                f"({gpu_stack.load().image}) or pass --any-tensorrt",
+            )
+        log.warning("tensorrt %s is not the container's %s", trt.__version__, TENSORRT_PIN)
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache = cfg.timing_cache.read_bytes() if cfg.timing_cache.is_file() else b""
     log.info("timing cache: %s (%s)", cfg.timing_cache, "loaded" if cache else "new")
@@ -494,8 +549,9 @@ def main(cfg: BuildConfig) -> Path:
             cases = [(p.name, {n: s[1] for n, s in p.shapes.items()}) for p in profiles[graph]]
             static = {t["name"]: t["shape"] for t in manifest["inputs"]}
             record["verification"] = check_against_onnxruntime(
-                cfg.out / f"{graph}.plan", src, manifest, cases or [(None, static)], *cfg.tolerance
-            )
+                cfg.out / f"{graph}.plan", src, manifest, cases or [(None, static)], cfg.limits,
+                sample=src.with_suffix(".sample.npz") if src.with_suffix(".sample.npz").is_file() else None,
+            )  # fmt: skip
             record_path.write_text(json.dumps(record, indent=2) + "\n")
             passed = record["verification"]["passed"]
             log.info("%s: verification %s", graph, "passed" if passed else "FAILED")
@@ -503,8 +559,8 @@ def main(cfg: BuildConfig) -> Path:
     if failed:
         raise BuildError(
             "--verify",
-            f"{failed} differ from ONNX Runtime beyond (rtol, atol) = "
-            f"{cfg.tolerance}; per-output errors in {cfg.out}/<graph>.plan.json",
+            f"{failed} differ from ONNX Runtime beyond {cfg.limits}; per-output error "
+            f"statistics in {cfg.out}/<graph>.plan.json",
         )
     return cfg.out
 

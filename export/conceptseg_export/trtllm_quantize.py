@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from conceptseg import gpu_stack
 from conceptseg.backends.trtllm_mllm import ARCHITECTURE, TRTLLM_PIN
 from conceptseg.inputs import parse_ref, read_image
 from conceptseg.mosaic import build_mosaic, resize_target
@@ -40,7 +41,7 @@ from conceptseg.types import Request
 from conceptseg_export import cli_args
 from conceptseg_export.mllm_export import PROCESSOR_FILES
 
-MODELOPT_PIN = "0.37.0"  # TensorRT-LLM 1.2's requirement (nvidia-modelopt[torch]~=0.37.0)
+MODELOPT_PIN = gpu_stack.load()["modelopt"]  # TensorRT-LLM's own requirement (gpu_stack.toml)
 QFORMATS = {  # name -> (ModelOpt config, minimum SM)
     "fp8": ("FP8_DEFAULT_CFG", 89),
     "int4_awq": ("INT4_AWQ_CFG", 80),

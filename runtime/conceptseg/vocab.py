@@ -175,7 +175,7 @@ def write_qwen_tokenizer(out: Path) -> None:
         "added_tokens_decoder": {
             str(i): _added(t, t not in QWEN_NOT_SPECIAL) for t, i in specials.items()
         },
-        "extra_special_tokens": [],
+        "extra_special_tokens": {},  # a dict: transformers 4.57 (the GPU container) reads .keys()
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))

@@ -10,7 +10,6 @@ import asyncio
 import io
 import re
 import threading
-
 from dataclasses import replace
 from pathlib import Path
 

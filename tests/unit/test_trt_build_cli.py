@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,24 +53,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_cli_flags_come_from_the_dataclass_fields():
     argv = (
-        "--onnx engines/x --precision fp16 --fp8 --workspace-gb 2.5 --no-verify --timing-cache "
+        "--onnx engines/x --precision fp32 --fp8 --workspace-gb 2.5 --no-verify --timing-cache "
         "cache.bin --graphs ctm sam3_text --autocast-python /opt/modelopt/bin/python"
     )
     args = _parser().parse_args(argv.split())
     cfg = trt_build.from_cli_args(args)
-    assert cfg.onnx == Path("engines/x") and cfg.precision == "fp16" and cfg.fp8
+    assert cfg.onnx == Path("engines/x") and cfg.precision == "fp32" and cfg.fp8
     assert cfg.workspace_gb == 2.5 and cfg.verify is False and cfg.graphs == ("ctm", "sam3_text")
     assert cfg.timing_cache == Path("cache.bin")
     assert cfg.autocast_python == Path("/opt/modelopt/bin/python")
-    assert cfg.out == Path("engines/x/trt-fp16-fp8"), "default plan directory names the precision"
-    assert cfg.tolerance == trt_build.TOLERANCES["fp8"]
+    assert cfg.out == Path("engines/x/trt-fp32-fp8"), "default plan directory names the precision"
+    assert cfg.limits == trt_verify.LIMITS["fp8"] and cfg.label == "fp8+fp32"
 
 
 def test_cli_defaults_and_rejections(capsys):
     cfg = trt_build.from_cli_args(_parser().parse_args(["--onnx", "e"]))
     assert (cfg.precision, cfg.fp8, cfg.verify, cfg.graphs) == ("fp32", False, True, ())
     assert cfg.timing_cache == Path("e/timing.cache") and cfg.out == Path("e/trt-fp32")
-    assert cfg.tolerance == (1e-3, 1e-4)
+    assert cfg.limits.elementwise == (1e-3, 1e-4) and cfg.label == "fp32"
     for bad in (["--precision", "fp16"], ["--onnx", "e", "--precision", "int8"]):
         with pytest.raises(SystemExit):
             _parser().parse_args(bad)
@@ -105,7 +106,8 @@ def test_ctm_sequence_is_bucketed_one_latency_profile_per_bucket():
         "throughput",
     ]
     assert profiles[1].shapes["key_mask"] == ((1, 256),) * 3
-    assert profiles[-1].shapes["hidden"] == ((1, 128, 64), (4, 256, 64), (8, 768, 64))
+    top = trt_build.CTM_MAX_SEQ
+    assert profiles[-1].shapes["hidden"] == ((1, 128, 64), (4, 256, 64), (8, top, 64))
 
 
 def test_rules_are_data_and_unknown_dims_fail_loudly():
@@ -203,7 +205,7 @@ def _exported_dir(tmp_path: Path) -> Path:
 def test_main_without_tensorrt_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     cfg = BuildConfig(onnx=_exported_dir(tmp_path))
-    with pytest.raises(BuildError, match=f"pip install tensorrt=={TENSORRT_PIN}"):
+    with pytest.raises(BuildError, match=f"pip install tensorrt=={re.escape(TENSORRT_PIN)}"):
         trt_build.main(cfg)
     assert not cfg.out.exists(), "nothing is written before TensorRT is there"
 

@@ -21,13 +21,17 @@ from typing import Any
 
 import numpy as np
 
+from conceptseg import gpu_stack
 from conceptseg.models.engines import EngineCtm, EngineSam3, find_plans
 from conceptseg.types import RequestError
 
-TENSORRT_PIN = "11.1.0.106"  # PyPI ``tensorrt`` (metapackage -> tensorrt_cu13, CUDA 13)
+# The TensorRT of the deployment container (gpu_stack.toml): a plan loads only in the TensorRT
+# that built it. PyPI ``tensorrt`` is a metapackage -> tensorrt_cu13 (CUDA 13).
+TENSORRT_PIN = gpu_stack.load()["tensorrt"]
 INSTALL_HINT = (
-    f"on a machine with an NVIDIA GPU and driver, run: pip install tensorrt=={TENSORRT_PIN} "
-    "(and a CUDA build of torch, as pinned in pyproject.toml, for the buffers)"
+    f"run it in the deployment image ({gpu_stack.load().image}, docker/Dockerfile), or on a "
+    f"machine with an NVIDIA GPU and driver: pip install {gpu_stack.load().requirement('tensorrt')} "
+    "(and a CUDA build of torch for the buffers)"
 )
 
 # TensorRT DataType member name -> torch dtype name (numpy has no bfloat16; torch does).
@@ -53,10 +57,11 @@ def import_tensorrt() -> Any:
         import tensorrt as trt  # optional: TensorRT, GPU machines only
     except ImportError as exc:
         raise TensorRTUnavailable(f"TensorRT is not installed ({exc}); {INSTALL_HINT}") from None
-    if not str(trt.__version__).startswith("11."):
+    major = gpu_stack.load().tensorrt_major
+    if str(trt.__version__).split(".")[0] != major:
         raise TensorRTUnavailable(
-            f"found tensorrt {trt.__version__}, but this code uses the TensorRT 11 API (strongly "
-            f"typed networks only); {INSTALL_HINT}"
+            f"found tensorrt {trt.__version__}, but this code uses the TensorRT {major} API of "
+            f"the deployment container ({TENSORRT_PIN}); {INSTALL_HINT}"
         )
     return trt
 

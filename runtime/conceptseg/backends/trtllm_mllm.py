@@ -3,9 +3,9 @@
 TensorRT-LLM runs Qwen2.5-VL on its PyTorch backend (LLM API) only; quantized checkpoints come
 from ``conceptseg_export.trtllm_quantize`` (ModelOpt fp8 / int4_awq / w4a8_awq, KV cache left
 unquantized). The API this file relies on changed between releases: it is written for
-``TRTLLM_PIN`` and refuses other versions. TensorRT-LLM pins its own torch/transformers/numpy
-(<2), so it runs in its own environment (the NGC TensorRT-LLM container of that release), with
-this package installed there without dependencies.
+``TRTLLM_PIN`` (``gpu_stack.toml``) and refuses other versions. It runs in the deployment
+image (``docker/Dockerfile``): the NGC release's torch, transformers and numpy, this package
+installed over them with those as constraints (``tests/gpu_stack`` checks it on Python 3.12).
 
 What the CTM gets, and how. The CTM reads, for every generated token t_1..t_n (the stop token
 t_n included), the final-norm state at the position where t_j is the *input* (``Generation``).
@@ -34,6 +34,7 @@ another mosaic is not served from the first one's blocks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -43,16 +44,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conceptseg import gpu_stack
 from conceptseg.models import qwen
 from conceptseg.models.qwen_torch import rule_logits
 from conceptseg.protocols import Generation
 from conceptseg.textstream import OnText
 from conceptseg.types import RequestError
 
-TRTLLM_PIN = "1.2.1"
+TRTLLM_PIN = gpu_stack.load()["tensorrt_llm"]  # the deployment container's (gpu_stack.toml)
+MODEL_TYPE = "qwen2_5_vl"  # the checkpoints' config model_type: TensorRT-LLM's stock Qwen2.5-VL
+SINGLE_PROCESS = "TLLM_WORKER_USE_SINGLE_PROCESS"
 ARCHITECTURE = "ConceptSegR1ForConditionalGeneration_qwen2p5"  # published checkpoints' name
 HIDDEN = "hidden_states"  # the additional output's name
 SENTINEL = 151654  # <|vision_pad|>: suppressed by the rule, so only ever forced
+log = logging.getLogger(__name__)
 
 
 class HfDecisionRule:
@@ -173,20 +178,42 @@ def register_model_class() -> type:
                 hidden = hidden[last]
             return {"logits": logits, HIDDEN: hidden}
 
-    placeholders = MultimodalPlaceholderMetadata(
+    placeholders = _stock_placeholders(MODEL_TYPE) or MultimodalPlaceholderMetadata(
         placeholder_map={"image": "<|vision_start|><|image_pad|><|vision_end|>",
                          "video": "<|vision_start|><|video_pad|><|vision_end|>"},
         placeholder_placement=MultimodalPlaceholderPlacement.BEFORE_TEXT,
     )  # fmt: skip
-    cls = register_input_processor(trt_qwen.Qwen2VLInputProcessorBase, model_type="qwen2_5_vl",
+    # register_input_processor sets the placeholder metadata of MODEL_TYPE process-wide (a plain
+    # dict assignment): passing the stock entry back keeps TensorRT-LLM's own Qwen2.5-VL as it is
+    cls = register_input_processor(trt_qwen.Qwen2VLInputProcessorBase, model_type=MODEL_TYPE,
                                    placeholder_metadata=placeholders)(ConceptSegQwen2_5_VL)  # fmt: skip
     cls = register_auto_model(ARCHITECTURE)(cls)
-    if hasattr(qwen, "register_vision_encoder"):  # as TensorRT-LLM registers Qwen2_5_VLModel
-        cls = trt_qwen.register_vision_encoder(
-            trt_qwen.Qwen2VisionModelBase, vlm_base_model=trt_qwen.QWEN2_5_VL_VISION_MODEL_CLASS
-        )(cls)
+    if hasattr(trt_qwen, "register_vision_encoder"):  # as TensorRT-LLM registers Qwen2_5_VLModel
+        # older releases choose the vision class by SM in QWEN2_5_VL_VISION_MODEL_CLASS; newer
+        # ones dropped the constant and register Qwen2_5_VisionModel
+        vision = getattr(trt_qwen, "QWEN2_5_VL_VISION_MODEL_CLASS", None) or trt_qwen.Qwen2_5_VisionModel
+        cls = trt_qwen.register_vision_encoder(trt_qwen.Qwen2VisionModelBase, vlm_base_model=vision)(cls)
     globals()["ConceptSegQwen2_5_VL"] = cls
     return cls
+
+
+def _stock_placeholders(model_type: str) -> Any:
+    """TensorRT-LLM's registered placeholder metadata for ``model_type``, or None."""
+    from tensorrt_llm import inputs  # optional: TensorRT-LLM, GPU container only
+
+    registry = getattr(inputs, "MULTIMODAL_PLACEHOLDER_REGISTRY", None)
+    if registry is None or not registry.is_valid(model_type):
+        return None
+    return registry.get_placeholder_metadata(model_type)
+
+
+def single_process_worker(environ: dict[str, str] | Any = os.environ) -> None:
+    """In-process executor: a spawned worker would not see :func:`register_model_class`'s
+    registration, so any other value (e.g. an inherited ``0``) is overridden, loudly."""
+    if environ.get(SINGLE_PROCESS, "1") != "1":
+        log.warning("%s=%s overridden to 1: the out-of-tree model class registers in this "
+                    "process only", SINGLE_PROCESS, environ[SINGLE_PROCESS])  # fmt: skip
+    environ[SINGLE_PROCESS] = "1"
 
 
 class TrtllmMllm:
@@ -203,7 +230,7 @@ class TrtllmMllm:
         max_batch_size: int = 8,
     ) -> None:
         # Out-of-tree model classes register in-process; one GPU needs no worker processes.
-        os.environ.setdefault("TLLM_WORKER_USE_SINGLE_PROCESS", "1")
+        single_process_worker()
         register_model_class()
         from tensorrt_llm import LLM  # optional: TensorRT-LLM, GPU container only
         from tensorrt_llm.llmapi import KvCacheConfig  # optional: TensorRT-LLM, GPU container only

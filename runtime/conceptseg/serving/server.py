@@ -23,6 +23,7 @@ whole group after ``exit_timeout``), and it gets SIGTERM if this process dies wi
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import conceptseg
+from conceptseg import gpu_stack
 from conceptseg.models.engines import find_plans
 from conceptseg.serving.repository import (
     RepoOptions,
@@ -198,6 +200,20 @@ def _command(cfg: ServeConfig, binary: Path, repo: Path, backends: Path) -> list
     return cmd
 
 
+def check_plan_tensorrt(plans: Path) -> None:
+    """Every ``<graph>.plan.json`` in ``plans`` records the deployment container's TensorRT (a
+    plan deserializes only in the TensorRT that built it), or RequestError in one line."""
+    want = gpu_stack.load()["tensorrt"]
+    for record in sorted(Path(plans).glob("*.plan.json")):
+        built = json.loads(record.read_text()).get("tensorrt_version", "unknown")
+        if built != want:
+            raise RequestError(
+                "--plans",
+                f"{record.name} was built by TensorRT {built}; the container has TensorRT {want}: "
+                f"rebuild with `{gpu_stack.load().rebuild_hint()}`",
+            )
+
+
 class Server:
     """A running ``tritonserver``; ``start`` returns once every model is ready."""
 
@@ -221,6 +237,8 @@ class Server:
         plans = cfg.plans
         if cfg.profile == "gpu" and plans is None:
             plans = find_plans(engines)
+        if cfg.profile == "gpu":
+            check_plan_tensorrt(Path(plans))
         external = cfg.tritonserver is not None
         if external != (cfg.backend_dir is not None):
             raise RequestError(
@@ -257,7 +275,8 @@ class Server:
             raise RequestError(
                 "--profile gpu",
                 "the pytriton wheel's server has only the python backend; give --tritonserver "
-                "and --backend-dir of a Triton 2.51 build with tensorrt (the NGC container)",
+                "and --backend-dir of a Triton build with the tensorrt backend: the deployment "
+                f"image {gpu_stack.load().image} (FROM {gpu_stack.load().triton_image})",
             )
         backends = prepare_backends(install, self.workdir / "backends")
         self.env = server_env(install, prepare_stub_env(self.workdir / "stub-env"))
