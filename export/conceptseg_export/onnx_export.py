@@ -165,7 +165,7 @@ def export_graph(spec: GraphSpec, out_dir: Path, opset: int) -> dict[str, Any]:
     if spec.prepare is not None:
         spec.prepare()
     for stale in [*out_dir.glob(f"{spec.name}.onnx*"), out_dir / f"{spec.name}.sample.npz"]:
-        stale.unlink()
+        stale.unlink(missing_ok=True)
     reference = _run_eager(spec.module, feeds)  # one eager run before export
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -313,7 +313,7 @@ def quantize_vision_int8(out: Path, seed: int = 0) -> dict[str, Any]:
             f"{INT8_VISION} quantizes {src}: export sam3_vision into the same --out first",
         )
     for stale in out.glob(f"{stem}.onnx*"):
-        stale.unlink()
+        stale.unlink(missing_ok=True)
     start = time.perf_counter()
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                      use_external_data_format=True)  # fmt: skip

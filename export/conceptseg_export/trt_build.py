@@ -562,6 +562,7 @@ def main(cfg: BuildConfig) -> Path:
             f"{failed} differ from ONNX Runtime beyond {cfg.limits}; per-output error "
             f"statistics in {cfg.out}/<graph>.plan.json",
         )
+    assert cfg.out is not None  # set by BuildConfig.__post_init__
     return cfg.out
 
 

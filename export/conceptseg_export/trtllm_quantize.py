@@ -202,7 +202,7 @@ def main(cfg: QuantizeConfig) -> Path:
     out = Path(cfg.out) / f"trtllm-{cfg.qformat}"
     out.mkdir(parents=True, exist_ok=True)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mllm_dir, dtype=torch.bfloat16)
-    model = model.cuda().eval()
+    model = model.cuda().eval()  # type: ignore[call-arg]  # transformers wraps .cuda (stub quirk)
     processor = AutoProcessor.from_pretrained(mllm_dir)
     requests = calibration_requests(cfg.calib, cfg.calib_size)
     batches = calibration_inputs(requests, processor)

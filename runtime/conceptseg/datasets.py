@@ -384,7 +384,7 @@ def resize_mask(mask: np.ndarray, side: int) -> np.ndarray:
     """A bool mask resized to ``side x side``, nearest neighbour (``side`` 0: unchanged)."""
     if not side or mask.shape == (side, side):
         return mask
-    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.Resampling.NEAREST)
     return np.asarray(small) > 127
 
 
@@ -407,5 +407,5 @@ def load_ground_truth(
     if mask.size != (w, h):
         raise DataError(target.gt, f"mask is {mask.size[0]}x{mask.size[1]}, image is {w}x{h}")
     if side:
-        mask = mask.resize((side, side), Image.BICUBIC)  # PIL's default filter, as the reference
+        mask = mask.resize((side, side), Image.Resampling.BICUBIC)  # PIL's default filter, as the reference
     return np.asarray(mask) > target.gt_threshold, None

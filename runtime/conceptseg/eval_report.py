@@ -92,7 +92,7 @@ def build(
 ) -> dict[str, Any]:
     by_subset = {s: [r for r in records if r["subset"] == s] for s in dict.fromkeys(
         t.subset for t in targets)}  # fmt: skip
-    versions = next((r["versions"] for r in records if r.get("versions")), {})
+    versions: dict[str, Any] = next((r["versions"] for r in records if r.get("versions")), {})
     tables = {s: {**metrics.aggregate(rs), "n": len(rs)} for s, rs in by_subset.items()}
     tables["all"] = {**metrics.aggregate(records), "n": len(records)}
     return {
@@ -147,7 +147,7 @@ def compare(targets: list[Target], mine: Path, other: Path, worst: int = 10) -> 
         "mean_iou": float(ious.mean()) if rows else float("nan"),
         "min_iou": float(ious.min()) if rows else float("nan"),
         "identical": int(sum(r["iou"] == 1.0 for r in rows)),
-        "worst": sorted(rows, key=lambda r: r["iou"])[:worst],
+        "worst": sorted(rows, key=lambda r: float(r["iou"]))[:worst],
     }
 
 

@@ -72,7 +72,7 @@ def _box_in_frame(ref: Reference, side: int) -> tuple[int, int, int, int]:
     if ref.mask is not None:
         # As the reference: resize the mask like the image (bilinear) and take its nonzero extent.
         small = Image.fromarray(ref.mask.astype(np.uint8) * 255).resize(
-            (side, side), Image.BILINEAR
+            (side, side), Image.Resampling.BILINEAR
         )
         box = mask_box(np.asarray(small))
         assert box is not None, "validate_reference rejects empty masks"
@@ -136,13 +136,13 @@ def build_mosaic(references: Sequence[Reference | tuple]) -> Mosaic:
         validate_reference(ref, i)
     if len(refs) == 1:
         # One reference fills the canvas (torchvision's bilinear resize in the reference code).
-        image = refs[0].image.convert("RGB").resize((CANVAS, CANVAS), Image.BILINEAR)
+        image = refs[0].image.convert("RGB").resize((CANVAS, CANVAS), Image.Resampling.BILINEAR)
         return Mosaic(image=image, boxes=(_box_in_frame(refs[0], CANVAS),), proxy_box=None)
     canvas = Image.new("RGB", (CANVAS, CANVAS))
     boxes = []
     for i, ref in enumerate(refs):
         dx, dy = (i % GRID) * TILE, (i // GRID) * TILE
-        canvas.paste(ref.image.convert("RGB").resize((TILE, TILE), Image.BILINEAR), (dx, dy))
+        canvas.paste(ref.image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR), (dx, dy))
         x1, y1, x2, y2 = _box_in_frame(ref, TILE)
         boxes.append((x1 + dx, y1 + dy, x2 + dx, y2 + dy))
     draw = ImageDraw.Draw(canvas)

@@ -143,7 +143,7 @@ class TensorRTSession:
 
     def _profile_ranges(self, index: int) -> dict[str, Range]:
         """(min, opt, max) of every input with a dynamic dimension under profile ``index``."""
-        ranges = {}
+        ranges: dict[str, Range] = {}
         for name in self.input_names:
             if all(d >= 0 for d in self._engine.get_tensor_shape(name)):
                 continue  # static input: any profile accepts its one shape

@@ -136,11 +136,13 @@ def _version_check() -> Any:
     return tensorrt_llm
 
 
+_REGISTERED: list[type] = []  # the registered class, once registered (this process)
+
+
 def register_model_class() -> type:
-    """Register :class:`ConceptSegQwen2_5_VL` under ``ARCHITECTURE`` (idempotent)."""
-    global ConceptSegQwen2_5_VL
-    if "ConceptSegQwen2_5_VL" in globals():
-        return ConceptSegQwen2_5_VL
+    """Register ``ConceptSegQwen2_5_VL`` under ``ARCHITECTURE`` (idempotent)."""
+    if _REGISTERED:
+        return _REGISTERED[0]
     _version_check()
     from tensorrt_llm._torch.models import (
         modeling_qwen2vl as trt_qwen,  # optional: TensorRT-LLM, GPU container only
@@ -193,7 +195,7 @@ def register_model_class() -> type:
         # ones dropped the constant and register Qwen2_5_VisionModel
         vision = getattr(trt_qwen, "QWEN2_5_VL_VISION_MODEL_CLASS", None) or trt_qwen.Qwen2_5_VisionModel
         cls = trt_qwen.register_vision_encoder(trt_qwen.Qwen2VisionModelBase, vlm_base_model=vision)(cls)
-    globals()["ConceptSegQwen2_5_VL"] = cls
+    _REGISTERED.append(cls)
     return cls
 
 

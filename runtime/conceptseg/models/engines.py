@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,11 +81,15 @@ def image_side(engines: Path) -> int:
     return int(graph["inputs"][0]["shape"][-1])
 
 
-@dataclass
 class EngineImage:
     """SAM 3 image features of one image: the three FPN levels, each (1, C, h, w)."""
 
-    fpn: tuple[np.ndarray, np.ndarray, np.ndarray]
+    def __init__(self, fpn: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        self._fpn = fpn
+
+    @property
+    def fpn(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._fpn
 
 
 class EngineSam3:
@@ -128,10 +131,14 @@ class EngineSam3:
         instances: bool = False,
     ) -> SegOutput:
         prompt, mask = build_prompt(*self.text_features(text), concept, self.q_max)
-        out = self.heads.run(**heads_feeds(features.fpn, prompt, mask))
+        return heads_output(self.run_heads(heads_feeds(features.fpn, prompt, mask), instances))
+
+    def run_heads(self, feeds: dict[str, np.ndarray], instances: bool) -> dict[str, np.ndarray]:
+        """The heads graph's outputs (``instance_masks`` only when ``instances``)."""
+        out = self.heads.run(**feeds)
         if not instances:
             out.pop("instance_masks", None)
-        return heads_output(out)
+        return out
 
 
 def bucket(length: int, buckets: tuple[int, ...]) -> int:

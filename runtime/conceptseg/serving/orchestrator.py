@@ -33,11 +33,13 @@ class _RequestSeg:
     """One request's view of the shared :class:`TritonSam3`: keeps its pending image call."""
 
     def __init__(self, sam3: TritonSam3) -> None:
-        self.sam3, self.pending = sam3, None
+        self.sam3 = sam3
+        self.pending: PendingImage | None = None
 
     def encode_image(self, image: Any) -> PendingImage:
-        self.pending = self.sam3.encode_image(image)
-        return self.pending
+        pending = self.sam3.encode_image(image)
+        self.pending = pending
+        return pending
 
     def segment(self, features: PendingImage, text: str, concept: Any = None,
                 instances: bool = False) -> SegOutput:  # fmt: skip

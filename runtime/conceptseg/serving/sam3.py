@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conceptseg.models.engines import EngineSam3
-from conceptseg.models.sam3_inputs import build_prompt, heads_feeds, heads_output, preprocess
-from conceptseg.protocols import SegOutput
+from conceptseg.models.engines import EngineImage, EngineSam3
+from conceptseg.models.sam3_inputs import preprocess
 from conceptseg.serving.bls import Bls, BlsGraph
 
 
-class PendingImage:
+class PendingImage(EngineImage):
     """Image features being computed by the ``sam3_vision`` model (resolved on first use)."""
 
     def __init__(self, future: Future) -> None:
@@ -37,6 +36,7 @@ class PendingImage:
         """Wall time of the vision call, submit to result (0 while it runs)."""
         return max(self.finished - self.started, 0.0) * 1e3
 
+    @property
     def fpn(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = self.future.result()
         return out["fpn0"], out["fpn1"], out["fpn2"]
@@ -70,13 +70,5 @@ class TritonSam3(EngineSam3):
         with self._lock:
             return super().text_features(text)
 
-    def segment(
-        self,
-        features: PendingImage,
-        text: str,
-        concept: np.ndarray | None = None,
-        instances: bool = False,
-    ) -> SegOutput:
-        prompt, mask = build_prompt(*self.text_features(text), concept, self.q_max)
-        feeds = heads_feeds(features.fpn(), prompt, mask)
-        return heads_output(self.bls.call("sam3_heads", feeds, self._heads_outputs[instances]))
+    def run_heads(self, feeds: dict[str, np.ndarray], instances: bool) -> dict[str, np.ndarray]:
+        return self.bls.call("sam3_heads", feeds, self._heads_outputs[instances])
