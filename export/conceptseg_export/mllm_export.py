@@ -51,17 +51,18 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from conceptseg.backends.hf_mllm import HfMllm, load_qwen
 from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
-from conceptseg.checkpoints import safetensors_files
+from conceptseg.models import qwen
 from conceptseg.mosaic import build_mosaic, resize_target
 from conceptseg.prompt import messages
 from conceptseg.samples import sample_request
+from conceptseg.weights import safetensors_files
 from conceptseg_export import cli_args
 from conceptseg_export.export_config import MLLM_PRECISIONS
 from conceptseg_export.manifest import export_versions, sha256_files
 
 GRID = (1, 42, 42)  # (t, h, w) patches of a 588x588 image: 600x600 after Qwen's smart resize
 PATCH_DIM = 1176  # 3 channels x 2 frames x 14 x 14
-IMAGE_TOKEN_ID = 151655
+IMAGE_TOKEN_ID = qwen.IMAGE_PAD_ID
 PRECISIONS = MLLM_PRECISIONS  # ort-genai decoder builds (conceptseg.build)
 GENAI_VERSION = "0.18.0"  # pinned in pyproject.toml; the genai_config layout below is its
 PROCESSOR_FILES = (
@@ -224,8 +225,8 @@ def genai_config(builder_config: dict[str, Any], hf_config: dict[str, Any]) -> d
     model = config["model"]
     model["type"] = "qwen2_5_vl"
     model["image_token_id"] = hf_config.get("image_token_id", IMAGE_TOKEN_ID)
-    model["video_token_id"] = hf_config.get("video_token_id", 151656)
-    model["vision_start_token_id"] = hf_config.get("vision_start_token_id", 151652)
+    model["video_token_id"] = hf_config.get("video_token_id", qwen.VIDEO_PAD_ID)
+    model["vision_start_token_id"] = hf_config.get("vision_start_token_id", qwen.VISION_START_ID)
     model["vision"] = {
         "filename": "vision.onnx",
         "spatial_merge_size": vision["spatial_merge_size"],
@@ -299,7 +300,8 @@ def export_mm_graphs(mllm_dir: Path, out_dir: Path) -> dict[str, Any]:
         ref = model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
         graph_vs_hf = float((vision(**pixels) - ref).abs().max())
         features = vision(**pixels)[:7]
-    ids = torch.tensor([[151644, 151652, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 151653, 872, 198]] * 2)
+    ids = torch.tensor([[qwen.IM_START_ID, qwen.VISION_START_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID,
+                         qwen.VISION_END_ID, 872, 198]] * 2)  # fmt: skip
     ids[1, 2:4] = 872  # second row: no image tokens; features go to row 0's placeholders only
     tokens = {"input_ids": ids, "image_features": features[:2]}
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from conceptseg.checkpoints import load_ctm, read_tensors
 from conceptseg.models.ctm import CTM_PREFIXES, ConceptTranslationModule
 from conceptseg.models.engines import CTM_BUCKETS, vision_graph
 from conceptseg.models.qwen import quiet_transformers
-from conceptseg.models.sam3_inputs import TEXT_CONTEXT
+from conceptseg.models.sam3_inputs import PAD_BOX_LABEL, TEXT_CONTEXT
 from conceptseg.types import UsageError
 from conceptseg.weights import check_weights, is_synthetic, safetensors_files
 from conceptseg_export.export_config import (
@@ -241,7 +241,7 @@ def _sam3_specs(sam3_dir: Path, cfg: ExportConfig, q_max: int) -> list[GraphSpec
             "prompt": torch.randn(b, length, width, generator=torch.Generator().manual_seed(b)),
             "prompt_mask": mask,
             "boxes": torch.zeros(b, 1, 4),
-            "box_labels": torch.full((b, 1), -10, dtype=torch.long),
+            "box_labels": torch.full((b, 1), PAD_BOX_LABEL, dtype=torch.long),
         }
 
     batch = {0: "batch"}

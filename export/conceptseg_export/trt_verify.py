@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg.backends.trt import TensorRTSession
+from conceptseg.models.sam3_inputs import PAD_BOX_LABEL
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ FEED_RULES: dict[str, tuple[str, float]] = {
     "prompt_mask": ("mask", 0),
     "key_mask": ("mask", 0),
     "boxes": ("fill", 0.0),  # the runtime's one padding box
-    "box_labels": ("fill", -10),
+    "box_labels": ("fill", PAD_BOX_LABEL),
 }
 
 

@@ -26,6 +26,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 
 from conceptseg import vocab
+from conceptseg.models import qwen as q
 from conceptseg.models.ctm import CTM_PREFIXES, ConceptTranslationModule
 from conceptseg.models.qwen import quiet_transformers  # lazy: the chosen backend's stack
 from conceptseg.sam3_convert import meta_sam3_config  # lazy: the chosen backend's stack
@@ -81,13 +82,13 @@ def mllm_config(size: MllmSize) -> dict[str, Any]:
         "tie_word_embeddings": size.tie,
         "vocab_size": 151936,
         "torch_dtype": "bfloat16",
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
-        "vision_token_id": 151654,
-        "image_token_id": 151655,
-        "video_token_id": 151656,
+        "bos_token_id": q.ENDOFTEXT_ID,
+        "eos_token_id": q.IM_END_ID,
+        "vision_start_token_id": q.VISION_START_ID,
+        "vision_end_token_id": q.VISION_END_ID,
+        "vision_token_id": q.VISION_PAD_ID,
+        "image_token_id": q.IMAGE_PAD_ID,
+        "video_token_id": q.VIDEO_PAD_ID,
         "num_of_query": size.num_queries,
         "vision_config": {
             "model_type": "qwen2_5_vl",
@@ -110,9 +111,9 @@ def mllm_config(size: MllmSize) -> dict[str, Any]:
 
 GENERATION_CONFIG = {
     # Qwen2.5-VL-Instruct's shipped generation config; greedy decoding still applies the penalty.
-    "bos_token_id": 151643,
-    "pad_token_id": 151643,
-    "eos_token_id": [151645, 151643],
+    "bos_token_id": q.ENDOFTEXT_ID,
+    "pad_token_id": q.ENDOFTEXT_ID,
+    "eos_token_id": [q.IM_END_ID, q.ENDOFTEXT_ID],
     "do_sample": True,
     "repetition_penalty": 1.05,
     "temperature": 0.1,

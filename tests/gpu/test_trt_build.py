@@ -1,11 +1,13 @@
 """TensorRT build + verification on a tiny in-process ONNX graph (needs TensorRT and a CUDA GPU).
 
 Skips itself, with the reason printed under ``-ra``, where ``tensorrt`` is not importable or no
-CUDA device is visible. Not marked ``gpu`` on purpose, so that the default run reports the skip.
+CUDA device is visible. Marked ``gpu``: the default run collects it (and reports the skip),
+``-m gpu`` selects it on a GPU machine.
 
     pip install "$(python -m conceptseg.gpu_stack pip tensorrt)"   # on the GPU machine, once
     # (or run it in the deployment image, docker/Dockerfile, which has it)
-    .venv/bin/python -m pytest tests/gpu/test_trt_build.py -q -ra
+
+Run: .venv/bin/pytest tests/gpu/test_trt_build.py -q -ra -m gpu
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ trt = pytest.importorskip(
     exc_type=ImportError,  # also a wheel whose CUDA libraries fail to load
 )
 torch = pytest.importorskip("torch", reason="torch is needed for the CUDA buffers")
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU visible to torch: TensorRT engines need one"
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA GPU visible to torch: TensorRT engines need one",
+    ),
+]
 
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402

@@ -1,30 +1,26 @@
-"""The TensorRT-LLM MLLM backend: which state is which token's, the decision rule, quantized
-checkpoints, KV block reuse.
+"""The TensorRT-LLM MLLM backend on a GPU: states, tokens and the stop token against hf,
+quantized checkpoints, KV block reuse. Marked ``gpu``; each test skips itself, with the reason
+under ``-ra``, without ``tensorrt_llm`` (the stack's, in the NGC TensorRT-LLM container) or a
+CUDA device. The CPU proofs of the rule and the state mapping: tests/models/test_trtllm_rule.py.
 
-Two CPU tests run everywhere (they need neither TensorRT-LLM nor a GPU): the logits processor
-applies the hf backend's rule, and the mapping from TensorRT-LLM's per-iteration outputs to the
-CTM's states is proved on the hf side (a full re-forward laid out as TensorRT-LLM lays out its
-outputs). The GPU tests skip themselves, with the reason under ``-ra``, without ``tensorrt_llm``
-(pinned: TRTLLM_PIN, in the NGC TensorRT-LLM container of that release) or a CUDA device.
-
-    .venv/bin/python -m pytest tests/gpu/test_trtllm.py -q -ra
+Run: .venv/bin/pytest tests/gpu/test_trtllm.py -q -ra -m gpu
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from conceptseg.backends.hf_mllm import VISION_TOKEN_IDS, HfMllm
-from conceptseg.backends.trtllm_mllm import SENTINEL, TRTLLM_PIN, HfDecisionRule, ctm_states
+from conceptseg.backends.hf_mllm import HfMllm, full_forward_states
+from conceptseg.backends.trtllm_mllm import TRTLLM_PIN
+from conceptseg_export.mllm_export import sample_inputs
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
-needs_gpu = pytest.mark.skipif(
+_no_gpu = pytest.mark.skipif(
     not (HAS_TRTLLM and torch.cuda.is_available()),
     reason=(
         f"needs tensorrt_llm=={TRTLLM_PIN} and a CUDA GPU "
@@ -33,84 +29,12 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
+def needs_gpu(test):  # the `gpu` marker (selected with -m gpu) and the skip with its reason
+    return pytest.mark.gpu(_no_gpu(test))
+
+
 def _sample():
-    from conceptseg_export.mllm_export import sample_inputs
-
     return sample_inputs()
-
-
-def _reforward(model, processor_inputs, tokens):
-    """Final-norm states of one forward over prompt + ``tokens`` (every position, (L, H))."""
-    inputs = dict(processor_inputs)
-    prompt = inputs["input_ids"].shape[1]
-    extra = torch.tensor([tokens], dtype=inputs["input_ids"].dtype)
-    for key, value in list(inputs.items()):
-        if key == "input_ids":
-            inputs[key] = torch.cat([value, extra], dim=1)
-        elif value.dim() == 2 and value.shape == (1, prompt):  # attention mask, token types
-            fill = torch.ones_like(extra) if key == "attention_mask" else torch.zeros_like(extra)
-            inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
-    with torch.inference_mode():
-        out = model.model(**{k: v.to(model.device) for k, v in inputs.items()})
-    return out.last_hidden_state[0].float().cpu().numpy()
-
-
-# --- CPU: the rule and the mapping -----------------------------------------------------------
-
-
-def test_logits_processor_is_the_hf_rule_then_forces_the_sentinel():
-    rng = np.random.default_rng(1)
-    prompt = [int(i) for i in rng.integers(0, 151936, size=30)]
-    hf_rule = types.SimpleNamespace(repetition_penalty=1.05)
-    rule = HfDecisionRule(prompt, stop_ids={151645}, penalty=1.05, budget=5)
-    done: list[int] = []
-    for step in range(5):
-        logits = torch.from_numpy(rng.normal(size=151936).astype(np.float32))
-        logits[VISION_TOKEN_IDS[step % 5]] = 99.0  # a vision token on top: suppressed
-        logits[prompt[step]] = 50.0  # a penalised prompt id near the top
-        seen = torch.tensor([prompt + done])
-        expected = HfMllm._next_token(hf_rule, logits[None].clone(), seen)
-        trt_view = logits[None].clone()  # TensorRT-LLM's ids: image placeholders out of vocab
-        rule(0, trt_view, [[151937] * len(prompt) + done], None, None)
-        assert int(trt_view.argmax()) == expected, step
-        done.append(expected)
-    forced = torch.zeros(1, 151936)
-    rule(0, forced, [prompt + done], None, None)  # budget reached: t_5 gets its own step
-    assert int(forced.argmax()) == SENTINEL and torch.isinf(forced).sum() == 151935
-    rule.budget = 50
-    stopped = torch.zeros(1, 151936)
-    rule(0, stopped, [prompt + done + [151645]], None, None)  # a stop id: same
-    assert int(stopped.argmax()) == SENTINEL
-
-
-@pytest.fixture(scope="module")
-def hf_tiny(tiny_weights):
-    return HfMllm(tiny_weights / "mllm", max_new_tokens=6)
-
-
-@pytest.mark.parametrize("stop_at", [None, 2])
-def test_state_mapping_proved_on_the_hf_side(hf_tiny, monkeypatch, stop_at):
-    """TensorRT-LLM's raw[j] is the output of iteration j: raw[0] at the last prompt position,
-    raw[j] at t_j. Built here from an hf full re-forward, ``ctm_states`` must return exactly the
-    hf backend's states (t_j as input, the stop token included), and the naive raw[:n] must not."""
-    hf = hf_tiny
-    msgs, images = _sample()
-    if stop_at is not None:
-        first = hf.generate(msgs, images).token_ids
-        monkeypatch.setattr(hf, "stop_ids", {first[stop_at]})
-    gen = hf.generate(msgs, images)
-    inputs = hf.prompt_inputs(msgs, images)
-    prompt = inputs["input_ids"].shape[1]
-    states = _reforward(hf.model, inputs, gen.token_ids)  # (P + n, H)
-    n = len(gen.token_ids)
-    raw = states[prompt - 1 : prompt + n]  # what TensorRT-LLM returns with the sentinel forced
-    tokens, hidden, stopped = ctm_states(gen.token_ids + [SENTINEL], raw, hf.stop_ids)
-    assert tokens == gen.token_ids and stopped == gen.stopped == (stop_at is not None)
-    np.testing.assert_allclose(hidden, gen.hidden, rtol=0, atol=1e-4)
-    naive = np.abs(raw[:n] - gen.hidden).max()
-    assert naive > 100 * np.abs(hidden - gen.hidden).max(), "the off-by-one must be visible"
-    with pytest.raises(AssertionError, match="own step is missing"):
-        ctm_states(gen.token_ids, raw[:n], hf.stop_ids)  # no sentinel step: t_n has no state
 
 
 # --- GPU: the backend on TensorRT-LLM --------------------------------------------------------
@@ -150,7 +74,7 @@ def test_trtllm_states_are_each_tokens_own(backend, hf_small):
     assert gen.hidden.shape == (len(gen.token_ids), 256) and gen.hidden.dtype == np.float32
     inputs = hf_small.prompt_inputs(msgs, images)
     prompt = inputs["input_ids"].shape[1]
-    ref = _reforward(hf_small.model, inputs, gen.token_ids)[prompt:]  # fp32, TensorRT-LLM's tokens
+    ref = full_forward_states(hf_small.model, inputs, gen.token_ids)[prompt:]  # fp32, TensorRT-LLM's tokens
     scale = np.sqrt((ref**2).mean())
     right = np.abs(gen.hidden - ref).max() / scale
     shifted = np.abs(gen.hidden[1:] - ref[:-1]).max() / scale if len(ref) > 1 else np.inf

@@ -1,6 +1,8 @@
 """``benchmarks/bench.py mllm`` on the tiny checkpoint: it runs both contenders for exactly the
 requested tokens, and its bytes-per-token figures equal counts made independently from the
 checkpoint's tensor shapes (bf16 exactly; int4 within 1% of blocks-of-32 nibbles + fp32 scales).
+
+Run: .venv/bin/pytest tests/models/test_bench_mllm.py -q
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The opt-in int8 image encoder (``conceptseg export --parts sam3_vision_int8``) on the tiny
 engines: its manifest and parity figures, the pipeline with it against fp32 (same answer, mask IoU
 >= 0.95 on random weights), the served repository pointing at it, and every misuse refused.
+
+Run: .venv/bin/pytest tests/models/test_sam3_int8.py -q
 """
 
 from __future__ import annotations

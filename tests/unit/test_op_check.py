@@ -1,6 +1,6 @@
 """TensorRT op-support pre-check on tiny in-process ONNX graphs.
 
-.venv/bin/python -m pytest tests/unit/test_op_check.py -q
+Run: .venv/bin/pytest tests/unit/test_op_check.py -q
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``bench.py serve``'s pure parts: perf_analyzer input data from contract tensors, its CSV."""
+"""``bench.py serve``'s pure parts: perf_analyzer input data from contract tensors, its CSV.
+
+Run: .venv/bin/pytest tests/unit/test_serve_bench.py -q
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Incremental detokenization: deltas join to the final text, split characters are held back."""
+"""Incremental detokenization: deltas join to the final text, split characters are held back.
+
+Run: .venv/bin/pytest tests/unit/test_textstream.py -q
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``build-engines`` without a GPU: CLI generated from the dataclass, profile rules from exporter
 manifests, verification inputs and comparison, profile choice, and the missing-TensorRT error.
 
-    .venv/bin/python -m pytest tests/unit/test_trt_build_cli.py -q
+Run: .venv/bin/pytest tests/unit/test_trt_build_cli.py -q
 """
 
 from __future__ import annotations

@@ -206,3 +206,22 @@ class HfMllm:
         if stream is not None:
             stream.finish(text)
         return Generation(text, tokens, hidden, prompt_tokens, stopped, prefill_ms, decode_ms)
+
+
+@torch.inference_mode()
+def full_forward_states(model: Any, inputs: Any, tokens: list[int]) -> np.ndarray:
+    """What the reference code does after generating: one full forward (vision tower and all)
+    over prompt + ``tokens``; the final-norm states at every position, (L, H) float32. The
+    backends capture these while decoding instead; tests and benchmarks compare against this."""
+    inputs = dict(inputs)
+    prompt = inputs["input_ids"].shape[1]
+    extra = torch.tensor([tokens], dtype=inputs["input_ids"].dtype)
+    for key, value in list(inputs.items()):
+        if key == "input_ids":
+            inputs[key] = torch.cat([value, extra], dim=1)
+        elif value.dim() == 2 and value.shape == (1, prompt):  # attention mask, token types
+            fill = torch.ones_like(extra) if key == "attention_mask" else torch.zeros_like(extra)
+            inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+    dtype = model.dtype
+    moved = {k: (v.to(dtype) if v.is_floating_point() else v).to(model.device) for k, v in inputs.items()}
+    return model.model(**moved).last_hidden_state[0].float().cpu().numpy()

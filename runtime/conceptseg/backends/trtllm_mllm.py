@@ -56,7 +56,7 @@ MODEL_TYPE = "qwen2_5_vl"  # the checkpoints' config model_type: TensorRT-LLM's 
 SINGLE_PROCESS = "TLLM_WORKER_USE_SINGLE_PROCESS"
 ARCHITECTURE = "ConceptSegR1ForConditionalGeneration_qwen2p5"  # published checkpoints' name
 HIDDEN = "hidden_states"  # the additional output's name
-SENTINEL = 151654  # <|vision_pad|>: suppressed by the rule, so only ever forced
+SENTINEL = qwen.VISION_PAD_ID  # <|vision_pad|>: suppressed by the rule, so only ever forced
 log = logging.getLogger(__name__)
 
 

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-VISION_START_ID, VISION_END_ID = 151652, 151653
-VISION_TOKEN_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image/video pad
-IM_END_ID = 151645  # <|im_end|>: the chat template's end of turn
+# Qwen2.5-VL's special token ids (the published tokenizer's added tokens)
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645  # im_end: the turn's end
+VISION_START_ID, VISION_END_ID, VISION_PAD_ID = 151652, 151653, 151654
+IMAGE_PAD_ID, VIDEO_PAD_ID = 151655, 151656
+VISION_TOKEN_IDS = (VISION_START_ID, VISION_END_ID, VISION_PAD_ID, IMAGE_PAD_ID, VIDEO_PAD_ID)
 
 
 @dataclass(frozen=True)
