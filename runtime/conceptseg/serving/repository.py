@@ -422,7 +422,8 @@ def validate_repository(
 
 def main(argv: list[str] | None = None) -> int:
 
-    parser = argparse.ArgumentParser(prog="fill_template", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m conceptseg.serving.repository",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("--profile", required=True, choices=PROFILES)
     parser.add_argument("--engines", required=True, type=Path, help="conceptseg export output")
     parser.add_argument("--plans", type=Path, default=None, help="gpu: TensorRT plans directory")

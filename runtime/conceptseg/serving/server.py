@@ -163,7 +163,7 @@ class ServeConfig:
     mllm_backend: str = ""  # hf | ort-genai (cpu) | trtllm (gpu); default: hf on cpu, trtllm on gpu
     mllm_precision: str = "fp32"  # ort-genai
     sam3_precision: str = "fp32"  # cpu: "int8" serves sam3_vision.int8.onnx as sam3_vision
-    mllm_path: Path | None = None  # default: from the engines directory (fill_template)
+    mllm_path: Path | None = None  # default: from the engines directory (serving.repository)
     # another Triton build (gpu: with the tensorrt backend), used as it is: both or neither
     tritonserver: Path | None = None
     backend_dir: Path | None = None
