@@ -52,8 +52,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 from conceptseg.backends.hf_mllm import HfMllm, load_qwen
 from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
 from conceptseg.models import qwen
-from conceptseg.mosaic import build_mosaic, resize_target
-from conceptseg.prompt import messages
+from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
 from conceptseg.weights import safetensors_files
 from conceptseg_export import cli_args
@@ -343,9 +342,8 @@ def _copy_processor(mllm_dir: Path, dest: Path) -> None:
 def sample_inputs() -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages and images ``[mosaic, target]`` of the bundled sample request."""
 
-    request = sample_request()
-    mosaic = build_mosaic(request.references)
-    return messages(request.question, mosaic), [mosaic.image, resize_target(request.image)]
+    msgs, images, _ = mllm_inputs(sample_request())
+    return msgs, images
 
 
 def compare_generations(ref: Any, ours: Any, forced: bool = False) -> dict[str, Any]:

@@ -34,8 +34,8 @@ import torch
 from conceptseg import gpu_stack
 from conceptseg.backends.trtllm_mllm import ARCHITECTURE, TRTLLM_PIN
 from conceptseg.inputs import parse_ref, read_image
-from conceptseg.mosaic import build_mosaic, resize_target
-from conceptseg.prompt import messages
+from conceptseg.models import qwen
+from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
 from conceptseg.types import Request
 from conceptseg_export import cli_args
@@ -106,11 +106,8 @@ def calibration_inputs(requests: list[Any], processor: Any) -> list[dict[str, to
 
     batches = []
     for request in requests:
-        mosaic = build_mosaic(request.references) if request.references else None
-        images = ([mosaic.image] if mosaic else []) + [resize_target(request.image)]
-        msgs = messages(request.question, mosaic)
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        batches.append(dict(processor(text=[text], images=images, return_tensors="pt")))
+        msgs, images, _ = mllm_inputs(request)
+        batches.append(dict(qwen.chat_inputs(processor, msgs, images, tensors="pt")))
     return batches
 
 

@@ -21,9 +21,7 @@ from conceptseg.masks import logits_to_mask
 from conceptseg.mosaic import (
     CANVAS,
     TILE,
-    build_mosaic,
     from_canvas,
-    resize_target,
     validate_reference,
 )
 from conceptseg.protocols import CTMBackend, MLLMBackend, SegBackend, SegOutput
@@ -129,10 +127,7 @@ class Pipeline:
                 return result
         # 3) reference mosaic and the reference prompt; images go in as [mosaic, target]
         with clock.step("prompt"):
-            mosaic = build_mosaic(request.references) if request.references else None
-            messages = prompt.messages(question, mosaic)
-            target = resize_target(request.image)
-            images = [target] if mosaic is None else [mosaic.image, target]
+            messages, images, mosaic = prompt.mllm_inputs(request, question)
         # 4) MLLM: greedy answer, with the final-norm states of the completion captured on the way
         with clock.step("mllm"):
             generation = self.mllm.generate(messages, images, on_text=on_text)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from conceptseg.mosaic import Mosaic
+from PIL import Image
+
+from conceptseg.mosaic import Mosaic, build_mosaic, resize_target
+from conceptseg.types import Request
 
 SYSTEM_PROMPT = "You are a helpful assistant. "
 
@@ -68,3 +71,16 @@ def messages(question: str, mosaic: Mosaic | None) -> list[dict[str, Any]]:
             "content": [*images, {"type": "text", "text": user_text(question, mosaic)}],
         },
     ]
+
+
+def mllm_inputs(
+    request: Request, question: str | None = None
+) -> tuple[list[dict[str, Any]], list[Image.Image], Mosaic | None]:
+    """What the MLLM gets for ``request``: the chat messages, the images in their order
+    ``[mosaic, target]`` (``[target]`` without references), and the mosaic (None without
+    references). ``question`` (default: the request's, stripped) is the text asked about."""
+    mosaic = build_mosaic(request.references) if request.references else None
+    text = request.question.strip() if question is None else question
+    target = resize_target(request.image)
+    images = [target] if mosaic is None else [mosaic.image, target]
+    return messages(text, mosaic), images, mosaic
