@@ -54,6 +54,7 @@ from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
 from conceptseg.models import qwen
 from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
+from conceptseg.types import UsageError
 from conceptseg.weights import safetensors_files
 from conceptseg_export import cli_args
 from conceptseg_export.export_config import MLLM_PRECISIONS
@@ -408,10 +409,12 @@ def export_mllm(
 
     unknown = sorted(set(precisions) - set(PRECISIONS))
     assert not unknown, f"precisions {unknown} are not among {PRECISIONS}"
-    assert og.__version__ == GENAI_VERSION, (
-        f"onnxruntime-genai {og.__version__} installed; the export is written for {GENAI_VERSION}"
-        " (pip install -e . reinstalls the pinned version)"
-    )
+    if og.__version__ != GENAI_VERSION:
+        raise UsageError(
+            "onnxruntime-genai",
+            f"{og.__version__} installed; the export is written for {GENAI_VERSION} "
+            "(make install reinstalls the pinned version)",
+        )
     mllm_dir, root = Path(mllm_dir), Path(out_dir) / "mllm"
     root.mkdir(parents=True, exist_ok=True)
     hf_config = json.loads((mllm_dir / "config.json").read_text())

@@ -37,7 +37,7 @@ from conceptseg.inputs import parse_ref, read_image
 from conceptseg.models import qwen
 from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
-from conceptseg.types import Request
+from conceptseg.types import Request, UsageError
 from conceptseg_export import cli_args
 from conceptseg_export.mllm_export import PROCESSOR_FILES
 
@@ -157,16 +157,21 @@ def _parity(model: Any, before: list[torch.Tensor], after: list[torch.Tensor]) -
 def _check_environment(qformat: str) -> None:
     import modelopt  # optional: ModelOpt, GPU container only
 
-    assert torch.cuda.is_available(), "ModelOpt calibration needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        raise UsageError("--qformat", "ModelOpt calibration needs a CUDA GPU; run it in the image")
     major, minor = torch.cuda.get_device_capability()
     need = QFORMATS[qformat][1]
-    assert major * 10 + minor >= need, (
-        f"{qformat} needs SM >= {need}; this GPU is SM {major}{minor} (int4_awq runs on SM >= 80)"
-    )
-    assert modelopt.__version__ == MODELOPT_PIN, (
-        f"nvidia-modelopt {modelopt.__version__} installed; pin is {MODELOPT_PIN} "
-        "(its quant_cfg format and export changed between releases)"
-    )
+    if major * 10 + minor < need:
+        raise UsageError(
+            "--qformat",
+            f"{qformat} needs SM >= {need}; this GPU is SM {major}{minor} (int4_awq runs on SM >= 80)",
+        )
+    if modelopt.__version__ != MODELOPT_PIN:
+        raise UsageError(
+            "nvidia-modelopt",
+            f"{modelopt.__version__} installed; the stack's is {MODELOPT_PIN} (its quant_cfg "
+            "format and export changed between releases): use docker/Dockerfile's image",
+        )
 
 
 def _write_checkpoint(model: Any, mllm_dir: Path, out: Path) -> None:
