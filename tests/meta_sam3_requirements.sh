@@ -5,7 +5,7 @@
 # conflict with the runtime's pins, so it is installed WITHOUT its declared dependencies, plus
 # what `import sam3.model_builder` really needs and the venv lacks, each also with --no-deps
 # (they need only numpy, tqdm and typing_extensions, which the venv has). Nothing installed is
-# upgraded or downgraded (torch, transformers and numpy 2.4.x stay as pyproject.toml pins them);
+# upgraded or downgraded (torch, transformers and numpy stay as the install resolved them);
 # `pip check` afterwards lists only sam3's own unmet pins. Idempotent: when every pin is already
 # installed it exits at once, without pip.
 # Usage, from the repository root after `make install`: bash tests/meta_sam3_requirements.sh
@@ -34,11 +34,13 @@ if all_installed; then
     echo "sam3 test dependencies already installed"
     exit 0
 fi
+BEFORE=$("$PY" -c 'import numpy; print(numpy.__version__)')
 "$PIP" install -q --no-deps "${PINS[@]}"
 "$PY" -W ignore -c '
+import sys
 import numpy, torch, transformers
 from sam3.model_builder import build_sam3_image_model
 
-assert numpy.__version__.startswith("2.4."), f"numpy changed to {numpy.__version__}"
+assert numpy.__version__ == sys.argv[1], f"numpy changed from {sys.argv[1]} to {numpy.__version__}"
 print(f"sam3 ready: torch {torch.__version__}, transformers {transformers.__version__}, numpy {numpy.__version__}")
-'
+' "$BEFORE"
