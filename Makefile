@@ -73,7 +73,7 @@ bench-serve: perf-tools
 		[ -d $(WEIGHTS)/mllm ] || $(VENV)/bin/conceptseg synth --out $(WEIGHTS) --size tiny; \
 		$(VENV)/bin/conceptseg export --weights $(WEIGHTS) --out $(ENGINES); \
 	fi
-	$(PY) benchmarks/bench.py serve --engines $(ENGINES)
+	$(VENV)/bin/conceptseg bench serve --engines $(ENGINES)
 
 clean:
 	rm -rf $(VENV) $(GPU_STACK_VENV) weights out engines/tiny

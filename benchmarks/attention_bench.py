@@ -1,4 +1,4 @@
-"""``bench.py attention``: one global attention block of the SAM 3 ViT (16 heads x 5184 tokens x
+"""``conceptseg bench attention``: one global attention block of the SAM 3 ViT (16 heads x 5184 tokens x
 64 at 1008 px), three ways under ONNX Runtime, side by side: as exported (MatMul, Softmax,
 MatMul), as the ONNX ``Attention`` op (opset 23) and as ``com.microsoft.MultiHeadAttention``.
 Tells whether fusing the attention would speed up the vision graph on this machine.
@@ -10,6 +10,8 @@ import argparse
 from typing import Any
 
 import numpy as np
+
+from conceptseg.benchmark import RUNNERS, row, side_by_side, summary
 
 
 def graphs(heads: int, tokens: int, dim: int) -> dict[str, Any]:
@@ -84,5 +86,14 @@ def bench_attention(args: argparse.Namespace, side_by_side: Any, summary: Any, r
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tokens", type=int, default=0, help="attention: 5184, gemm: 1144 (the 3B prompt) if 0"
+        "--tokens", type=int, default=0, help="5184 (1008 px) if 0"
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_attention(args, side_by_side, summary, RUNNERS[args.runner])
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row(*key.split("/", 1), r, max_abs=r["max_abs_vs_decomposed"])
+            for key, r in results.items()]  # fmt: skip

@@ -1,4 +1,4 @@
-"""``bench.py gemm``: one prefill-shaped GEMM of the 3B decoder (the MLP's up projection, tokens x
+"""``conceptseg bench gemm``: one prefill-shaped GEMM of the 3B decoder (the MLP's up projection, tokens x
 2048 x 11008), as ONNX Runtime and torch run it on this CPU, side by side: ONNX Runtime fp32
 MatMul, ONNX Runtime int4 MatMulNBits (block 32, symmetric; accuracy level 1 = fp32 compute, 4 =
 int8 compute, as the ort-genai export) and torch fp32 / bf16 matmul. Says where the int4 path's
@@ -11,6 +11,8 @@ import argparse
 from typing import Any
 
 import numpy as np
+
+from conceptseg.benchmark import RUNNERS, row, side_by_side, summary
 
 
 def bench_gemm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner: Any) -> dict:
@@ -61,3 +63,16 @@ def bench_gemm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner
             "relative_l2_vs_fp32": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
         }
     return rows
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=0, help="GEMM rows (0: 1144, the 3B prompt)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_gemm(args, side_by_side, summary, RUNNERS[args.runner])
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row(*key.split("/", 1), r, gflops=r["gflops"], rel_l2=r["relative_l2_vs_fp32"])
+            for key, r in results.items()]  # fmt: skip

@@ -1,4 +1,4 @@
-"""``bench.py mllm``: the MLLM's prefill and decode on the bundled sample request, side by side.
+"""``conceptseg bench mllm``: the MLLM's prefill and decode on the bundled sample request, side by side.
 
 Contenders (both as the pipeline runs them, greedy with the reference's decision rule):
 - ``hf_bf16``: transformers' Qwen2.5-VL in bf16 (:class:`HfMllm`, prefix cache off),
@@ -23,6 +23,9 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from conceptseg.benchmark import RUNNERS, side_by_side, summary
+from conceptseg.benchmark import row as table_row
 
 
 def hf_bytes_per_token(model: Any) -> int:
@@ -173,7 +176,7 @@ def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner
     return rows
 
 
-def print_mllm_table(rows: dict[str, Any]) -> None:
+def print_table(rows: dict[str, Any]) -> None:
     print(f"{'contender':16} {'prefill s':>10} {'tokens':>7} {'decode tok/s':>13} "
           f"{'GB/token':>9} {'bound tok/s':>12} {'of bound':>9}")  # fmt: skip
     for key, row in rows.items():
@@ -195,3 +198,22 @@ def print_mllm_table(rows: dict[str, Any]) -> None:
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="mllm: decode steps per run")
     parser.add_argument("--precision", default="int4", help="mllm: ENGINES/mllm/<precision>")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_mllm(args, side_by_side, summary, RUNNERS[args.runner])
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Prefill and decode-step rows per contender; token agreement vs bf16 (teacher-forced)."""
+    out = []
+    for key, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        vs = r.get("vs_hf_bf16", {})
+        agree = {"token_agreement": vs["teacher_forced"]["agreement"]} if vs else {}
+        out.append(table_row("prefill", key, r["prefill"], tokens=r["prefill_tokens"], **agree))
+        out.append(table_row("decode step", key, r["decode_step"],
+                       tokens_per_s=r["decode_tokens_per_s"],
+                       fraction_of_bound=r["fraction_of_bound"], **agree))  # fmt: skip
+    return out

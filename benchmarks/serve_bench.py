@@ -1,4 +1,4 @@
-"""``bench.py serve``: the Triton server under load, measured by NVIDIA's ``perf_analyzer``.
+"""``conceptseg bench serve``: the Triton server under load, measured by NVIDIA's ``perf_analyzer``.
 
 Starts ``conceptseg serve`` on ENGINES (cpu profile, 127.0.0.1, free ports), writes the request
 tensors of the bundled sample as perf_analyzer ``--input-data`` JSON, and runs perf_analyzer
@@ -174,7 +174,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def print_serve_table(results: dict[str, Any]) -> None:
+def print_table(results: dict[str, Any]) -> None:
     print(f"{'route':8} {'conc':>5} {'req/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
           f"{'queue ms':>9} {'compute ms':>11} {'in-process ms':>14}")  # fmt: skip
     for route, rows in results["routes"].items():
@@ -198,3 +198,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="serve: MLLM tokens (reason)")
     parser.add_argument("--preset", default="test", help="serve: pipeline preset")
     parser.add_argument("--in-process-repeats", type=int, default=5, help="serve: in-process runs")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_serve(args)
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per route and concurrency (perf_analyzer's client latencies), then in-process."""
+    out = []
+    for route, points in results["routes"].items():
+        for p in points:
+            out.append({"step": route, "contender": "served", **p})
+    for route, ms in results["in_process_median_ms"].items():
+        out.append({"step": route, "contender": "in-process", "p50_ms": ms})
+    return out

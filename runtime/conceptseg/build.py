@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptseg.config import PipelineConfig
-from conceptseg.models.engines import find_one
+from conceptseg.models.engines import SAM3_PRECISIONS, find_one
 from conceptseg.pipeline import Pipeline
 from conceptseg.types import RequestError
 from conceptseg.versions import versions
@@ -22,6 +22,10 @@ MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
 # --mllm-precision per backend: hf loads the checkpoint in that dtype; ort-genai picks the
 # exported ENGINES/mllm/<precision>; trtllm's precision is its quantized checkpoint's
 MLLM_PRECISIONS = {"hf": ("fp32", "bf16"), "ort-genai": ("fp32", "int4"), "trtllm": ("fp32",)}
+# --sam3-precision per backend (the image encoder's): onnxruntime picks the int8 graph; torch runs
+# bf16 autocast; TensorRT plans take theirs from `conceptseg build-engines`
+SAM3_BACKEND_PRECISIONS = {"onnxruntime": SAM3_PRECISIONS, "torch": ("fp32", "bf16"),
+                           "tensorrt": ("fp32",)}  # fmt: skip
 
 
 def check_mllm_precision(kind: str, precision: str) -> None:
@@ -85,18 +89,19 @@ def build_pipeline(
     prefill of the last ``prefix_cache`` reference mosaics), ``ort-genai`` (the decoder exported
     into ``engines/mllm/<mllm_precision>``, fp32 or int4) or ``trtllm`` (GPU machines; a
     checkpoint written by ``export/trtllm_quantize.py``: ``plans`` or ``engines/trtllm-*``).
-    ``sam3_precision`` int8 (onnxruntime only): the image encoder with int8 weights.
+    ``sam3_precision``: the image encoder's, int8 weights (onnxruntime) or bf16 autocast (torch).
     """
     if backend not in SEG_BACKENDS:
         raise RequestError("--backend", f"{backend!r} is not one of {SEG_BACKENDS}")
     if mllm_backend not in MLLM_BACKENDS:
         raise RequestError("--mllm-backend", f"{mllm_backend!r} is not one of {MLLM_BACKENDS}")
     check_mllm_precision(mllm_backend, mllm_precision)
-    if sam3_precision != "fp32" and backend != "onnxruntime":
+    if sam3_precision not in SAM3_BACKEND_PRECISIONS[backend]:
         raise RequestError(
             "--sam3-precision",
-            f"{sam3_precision} is an ONNX Runtime graph (--backend onnxruntime); TensorRT plans "
-            "take their precision from `conceptseg build-engines`",
+            f"{sam3_precision!r} is not one of {SAM3_BACKEND_PRECISIONS[backend]} for --backend "
+            f"{backend} (int8: onnxruntime; bf16: torch; TensorRT plans take their precision "
+            "from `conceptseg build-engines`)",
         )
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
@@ -118,7 +123,7 @@ def build_pipeline(
     else:
         from conceptseg.backends.torch_ref import torch_ctm, torch_sam3  # lazy: torch
 
-        seg, ctm = torch_sam3(sam3_dir), torch_ctm(mllm_dir)
+        seg, ctm = torch_sam3(sam3_dir, sam3_precision), torch_ctm(mllm_dir)
     if mllm_backend == "ort-genai":
         mllm_path = Path(engines) / "mllm" / mllm_precision
     elif mllm_backend == "trtllm":

@@ -49,6 +49,7 @@ class MllmSize:
     vision_heads: int
     fullatt: tuple[int, ...]
     num_queries: int = 8
+    vocab: int = 151936
 
 
 MLLM_SIZES = {
@@ -57,6 +58,13 @@ MLLM_SIZES = {
     # Qwen2.5-VL-3B-Instruct's architecture (hidden 2048: the CTM's H for the 3B model).
     "real-3b": MllmSize(
         2048, 11008, 36, 16, 2, (16, 24, 24), True, 32, 1280, 3420, 16, (7, 15, 23, 31)
+    ),
+    # Qwen2.5-VL-7B-Instruct's, as `zhaoyuan666/ConceptSeg-R1-7B` ships it: 28 layers, 28 heads /
+    # 4 KV heads, embeddings not tied, vocabulary 152064; the same vision tower (its merger
+    # projects to 3584); the CTM at 3584-d with Q = 8 (the paper).
+    "real-7b": MllmSize(
+        3584, 18944, 28, 28, 4, (16, 24, 24), False, 32, 1280, 3420, 16, (7, 15, 23, 31),
+        vocab=152064,
     ),
 }
 
@@ -80,7 +88,7 @@ def mllm_config(size: MllmSize) -> dict[str, Any]:
         "sliding_window": 32768,
         "use_sliding_window": False,
         "tie_word_embeddings": size.tie,
-        "vocab_size": 151936,
+        "vocab_size": size.vocab,
         "torch_dtype": "bfloat16",
         "bos_token_id": q.ENDOFTEXT_ID,
         "eos_token_id": q.IM_END_ID,
@@ -231,7 +239,8 @@ def load_ctm(directory: Path, dtype: torch.dtype = torch.float32) -> ConceptTran
 
 
 def sam3_config(size_name: str) -> Any:
-    """HF ``Sam3Config``: the published architecture (``real-3b``) or a tiny one of the same structure.
+    """HF ``Sam3Config``: the published architecture (``real-3b``, ``real-7b``) or a tiny one of
+    the same structure.
 
     Tiny keeps every part (windowed + global ViT blocks with axial RoPE, FPN, causal CLIP text
     encoder with 32 positions and the real vocabulary, geometry encoder, DETR encoder/decoder with
@@ -248,8 +257,7 @@ def sam3_config(size_name: str) -> Any:
         Sam3ViTConfig,
     )
 
-    if size_name == "real-3b":
-
+    if size_name.startswith("real-"):  # 3B and 7B ConceptSeg-R1 use the same SAM 3
         return meta_sam3_config()  # HF's defaults but the ViT LayerNorm eps Meta trained with
     image, patch, window, d, heads = 112, 14, 4, 256, 2
     grid = image // patch

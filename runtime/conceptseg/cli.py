@@ -1,4 +1,4 @@
-"""``conceptseg`` command line: synth, export, segment, serve, client, demo, eval.
+"""``conceptseg`` command line: synth, export, segment, serve, client, demo, eval, bench.
 
 Bad input (a path, a box, a prompt) ends with one line ``error: <argument>: <what and how to
 fix it>`` and exit status 2; never a traceback from inside a library.
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conceptseg import contract, evaluate
+from conceptseg import benchmark, contract, evaluate
 from conceptseg.build import MLLM_BACKENDS
 from conceptseg.inputs import parse_ref, read_image
 from conceptseg.masks import to_png
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write random-weight checkpoints in the published layouts")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", default="tiny", choices=["tiny", "real-3b"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "real-3b", "real-7b"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("export", help="export SAM 3 and the CTM to ONNX (+ manifests)")
@@ -339,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="run the pipeline here, no server")
     p.set_defaults(func=cmd_demo)
     evaluate.register(sub)
+    benchmark.register(sub)
     return parser
 
 

@@ -59,8 +59,8 @@ def add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = 
     p.add_argument(
         "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
     )
-    p.add_argument("--sam3-precision", default="fp32", choices=SAM3_PRECISIONS,
-                   help="onnxruntime: int8 runs the image encoder with int8 weights")  # fmt: skip
+    p.add_argument("--sam3-precision", default="fp32", choices=(*SAM3_PRECISIONS, "bf16"),
+                   help="the image encoder: int8 weights (onnxruntime) or bf16 autocast (torch)")  # fmt: skip
     add_config_args(p)
 
 

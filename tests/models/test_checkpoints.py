@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from conceptseg.checkpoints import (
     MLLM_SIZES,
@@ -18,6 +19,7 @@ from conceptseg.checkpoints import (
     sam3_config,
     synth,
 )
+from conceptseg.models.ctm import ConceptTranslationModule
 from conceptseg.types import RequestError, UsageError
 from conceptseg.weights import check_weights
 
@@ -119,3 +121,30 @@ def test_sharded_checkpoints_read_back_whole(tmp_path):
     back = read_tensors(tmp_path, ("model.",))
     assert sorted(back) == sorted(tensors)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+# Published totals (HF safetensors metadata of Qwen2.5-VL-3B/7B-Instruct): 3.75 B and 8.29 B.
+PUBLISHED = {"real-3b": (3_754_622_976, 2048, 36, 16, 2, 11008, 151936, True),
+             "real-7b": (8_292_166_656, 3584, 28, 28, 4, 18944, 152064, False)}  # fmt: skip
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_real_sizes_match_the_published_shapes_on_the_meta_device(size):
+    """``synth --size real-3b/real-7b``'s configs, instantiated without weights (meta device):
+    the parameter count and shapes of the published Qwen2.5-VL, the CTM at the MLLM's width."""
+    total, hidden, layers, heads, kv, inter, vocab, tied = PUBLISHED[size]
+    spec = MLLM_SIZES[size]
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(mllm_config(spec)))
+        ctm = ConceptTranslationModule(spec.num_queries, spec.hidden)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.intermediate_size, text.vocab_size) == (
+        hidden, layers, heads, kv, inter, vocab)  # fmt: skip
+    assert model.config.tie_word_embeddings is tied
+    assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == total
+    assert model.model.visual.merger.mlp[-1].out_features == hidden
+    assert spec.num_queries == 8 and ctm.proj_to_sam[2].in_features == hidden
+    ctm_params = sum(p.numel() for p in ctm.parameters())
+    assert ctm_params == pytest.approx(49.2 * hidden**2, rel=0.01)  # 7B: ~0.63 B (METHOD.md: ~0.62)
+    assert sam3_config(size).vision_config.backbone_config.hidden_size == 1024  # the one SAM 3

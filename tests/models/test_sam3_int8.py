@@ -73,7 +73,7 @@ def test_pipeline_with_int8_vision_matches_fp32(tiny_weights, engines):
 
 
 def test_misuse_is_refused(tiny_weights, tiny_engines, engines, tmp_path):
-    with pytest.raises(RequestError, match="--sam3-precision: int8 is an ONNX Runtime graph"):
+    with pytest.raises(RequestError, match=r"--sam3-precision: 'int8' is not one of \('fp32', 'bf16'\) for --backend torch"):
         build_pipeline(tiny_weights, sam3_precision="int8")
     with pytest.raises(RequestError, match="--parts sam3_vision_int8"):
         build_pipeline(

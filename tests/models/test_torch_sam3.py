@@ -64,3 +64,16 @@ def test_padding_box_is_part_of_every_prompt(sam3):
         )
     ours = sam3.segment(features, "mug")
     assert abs(torch.sigmoid(no_box.presence_logits[0, 0]).item() - ours.presence) > 1e-6
+
+
+def test_bf16_image_encoder_is_close_to_fp32_and_hands_fp32_features(sam3, tiny_weights):
+    """``--backend torch --sam3-precision bf16``: autocast in the image encoder only; the heads
+    get fp32 features, and the features stay near fp32's (bf16 keeps ~3 significant digits)."""
+    bf16 = TorchSam3(tiny_weights / "sam3", precision="bf16")
+    image = sample_target()
+    ref, low = sam3.encode_image(image), bf16.encode_image(image)
+    for a, b in zip(ref.vision.fpn_hidden_states[:3], low.vision.fpn_hidden_states[:3], strict=True):
+        assert b.dtype == torch.float32
+        rel = float((a - b).norm() / a.norm())
+        assert 0 < rel < 0.05, f"bf16 features {rel:.2e} relative L2 from fp32"
+    assert bf16.segment(low, "mug").semantic_logits.dtype == np.float32

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = (ROOT / "runtime" / "conceptseg", ROOT / "export" / "conceptseg_export")
 # optional or heavy dependencies a light path exists without (STYLE.md, section 0)
 LAZY_OK = {"tensorrt", "tensorrt_llm", "modelopt", "onnxruntime_genai", "tritonclient", "torch",
-           "transformers", "onnx", "onnxruntime", "torchvision", "safetensors", "scipy"}  # fmt: skip
+           "transformers", "onnx", "onnxruntime", "torchvision", "safetensors", "scipy",
+           "matplotlib", "cProfile", "pstats"}  # fmt: skip
 # composition roots: they may import a chosen backend (or the exporters) when it is chosen
 ROOTS = {"cli.py", "build.py"}
 

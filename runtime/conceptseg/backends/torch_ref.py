@@ -64,13 +64,37 @@ def seg_output(out: Any, instances: bool = False) -> SegOutput:
     )
 
 
-class TorchSam3:
-    """``encode_image`` / ``segment`` with transformers' SAM 3 (fp32, CPU or CUDA)."""
+def to_float32(output: Any) -> Any:
+    """Every floating tensor of a transformers ``ModelOutput`` (tuples too) cast to float32."""
 
-    def __init__(self, directory: Path, *, device: str = "cpu", text_cache: int = 256) -> None:
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.float()
+        if isinstance(value, tuple):
+            return tuple(cast(v) for v in value)
+        return value
+
+    for key, value in list(output.items()):
+        output[key] = cast(value)
+    return output
+
+
+class TorchSam3:
+    """``encode_image`` / ``segment`` with transformers' SAM 3 (fp32, CPU or CUDA).
+
+    ``precision="bf16"`` runs the image encoder (~90 % of SAM 3's compute) under
+    ``torch.autocast(dtype=torch.bfloat16)`` (AMX / AVX512-BF16 kernels on CPUs that have them)
+    and hands fp32 features to the heads; text encoder and heads stay fp32.
+    """
+
+    def __init__(
+        self, directory: Path, *, device: str = "cpu", text_cache: int = 256, precision: str = "fp32"
+    ) -> None:
         from transformers import Sam3Model  # the transformers model class: this backend's stack
 
+        assert precision in ("fp32", "bf16"), f"torch SAM 3 runs fp32 or bf16, not {precision!r}"
         quiet_transformers()
+        self.precision = precision
         self.directory = Path(directory)
         self.model = Sam3Model.from_pretrained(self.directory).eval().to(device)
         self.device = device
@@ -82,7 +106,11 @@ class TorchSam3:
     @torch.inference_mode()
     def encode_image(self, image: Image.Image) -> Sam3Image:
         pixels = torch.from_numpy(preprocess(image, self.side)).to(self.device)
-        return Sam3Image(self.model.get_vision_features(pixel_values=pixels))
+        if self.precision == "fp32":
+            return Sam3Image(self.model.get_vision_features(pixel_values=pixels))
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
+            vision = self.model.get_vision_features(pixel_values=pixels)
+        return Sam3Image(to_float32(vision))
 
     @torch.inference_mode()
     def text_features(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +171,10 @@ class TorchCtm:
         return self.module(h)[0].float().cpu().numpy()
 
 
-def torch_sam3(sam3_dir: Path) -> TorchSam3:
-    """SAM 3 in transformers on the HF-format checkpoint ``sam3_dir``."""
-    return TorchSam3(sam3_dir)
+def torch_sam3(sam3_dir: Path, precision: str = "fp32") -> TorchSam3:
+    """SAM 3 in transformers on the HF-format checkpoint ``sam3_dir`` (image encoder in
+    ``precision``: fp32 or bf16 autocast)."""
+    return TorchSam3(sam3_dir, precision=precision)
 
 
 def torch_ctm(mllm_dir: Path) -> TorchCtm:
