@@ -14,7 +14,7 @@ STUB_NUMPY := numpy==1.26.4
 CUDART := nvidia-cuda-runtime-cu12==12.9.79
 PERF_STAMP := $(VENV)/.perf-tools
 
-.PHONY: install test test-slow test-deploy lint demo synth clean perf-tools bench-serve
+.PHONY: install test test-slow test-deploy lint demo synth clean perf-tools bench-serve soak faults tiny-engines
 
 install: $(STAMP)
 
@@ -63,6 +63,24 @@ bench-serve: perf-tools
 		$(VENV)/bin/conceptseg export --weights $(WEIGHTS) --out $(ENGINES); \
 	fi
 	$(PY) benchmarks/bench.py serve --engines $(ENGINES)
+
+tiny-engines: install
+	@if [ ! -f $(ENGINES)/manifest.json ]; then \
+		[ "$(ENGINES)" = engines/tiny ] || { echo "$(ENGINES): no manifest.json; run conceptseg export"; exit 2; }; \
+		[ -d $(WEIGHTS)/mllm ] || $(VENV)/bin/conceptseg synth --out $(WEIGHTS) --size tiny; \
+		$(VENV)/bin/conceptseg export --weights $(WEIGHTS) --out $(ENGINES); \
+	fi
+
+# 10 minutes at concurrency 4, fast and reasoning requests; RSS of every server process
+# (benchmarks/soak.py; `make test` runs a short one)
+SOAK_S ?= 600
+soak: tiny-engines
+	$(PY) benchmarks/soak.py soak --engines $(ENGINES) --duration $(SOAK_S) --concurrency 4
+
+# the same load with stub kills (each model in turn), dropped and abandoned requests
+FAULTS_S ?= 300
+faults: tiny-engines
+	$(PY) benchmarks/soak.py faults --engines $(ENGINES) --duration $(FAULTS_S) --concurrency 4
 
 clean:
 	rm -rf $(VENV) weights out engines/tiny
