@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/soak.py soak --engines engines/tiny --duration 600 --concurrency 4
     .venv/bin/python benchmarks/soak.py faults --engines engines/tiny --duration 300
 
-- ``soak``: ``--concurrency`` clients (HTTP and gRPC alternating) send a mix of fast requests
+- ``soak``: ``--concurrency`` clients (each waits 0.5 s after a failed request) (HTTP and gRPC alternating) send a mix of fast requests
   (one-word prompt, no references) and reasoning requests (the sample's question and
   references) for ``--duration`` seconds after a warm-up. It reports requests, failures and
   p50/p99 per route, and the RSS of every server process (tritonserver and each stub) at the end
@@ -44,6 +44,7 @@ from conceptseg.serving.server import ServeConfig, Server, free_port
 FAST = "mug"
 KILL_ORDER = ("mllm", "ctm", "sam3_vision", "sam3_text", "sam3_heads", "conceptseg")
 MAX_REQUESTS = 100_000  # per client: every loop is bounded in count as well as in time
+BACKOFF_S = 0.5  # a client waits this long after a failed request (errors come back in ms)
 
 
 @dataclass
@@ -113,6 +114,8 @@ class Clients:
                     outcome = Outcome(route, start, time.monotonic() - start, repr(exc)[:300])
                 with self.lock:
                     self.outcomes.append(outcome)
+                if outcome.error:
+                    time.sleep(BACKOFF_S)
 
 
 def summary(outcomes: list[Outcome]) -> dict[str, Any]:

@@ -195,6 +195,11 @@ ENGINE_CALLS = {
         {"image": np.full((2, 3, 112, 112), np.nan, np.float32)},
         "image: holds NaN",
     ),
+    "sam3_text token id past the vocabulary": (
+        "sam3_text",
+        {"input_ids": np.full((1, 32), 10**9), "attention_mask": np.ones((1, 32), np.int64)},
+        "input_ids: token ids must be in [0, ",
+    ),
     "sam3_text mask not 0/1": (
         "sam3_text",
         {"input_ids": np.zeros((1, 32), np.int64), "attention_mask": np.full((1, 32), 7)},

@@ -3,7 +3,7 @@ the full ones) on the session's server: mixed load with no failure and bounded R
 a stub kill, a dropped HTTP request and a client leaving early, with failures only while the
 killed model was down and every request after it answered.
 
-Run: .venv/bin/pytest tests/server/test_soak.py -q   (~1.5 min on 2 cores)
+Run: .venv/bin/pytest tests/server/test_soak.py -q   (~1-2 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import soak  # noqa: E402
 
 
 def test_short_soak_loses_nothing_and_rss_stays_flat(triton):
-    result = soak.run_soak(triton, duration=30, concurrency=4, warmup=10)
+    result = soak.run_soak(triton, duration=20, concurrency=4, warmup=5)
     assert result["ok"], result
     assert result["routes"]["fast"]["requests"] > 0 and result["routes"]["reason"]["requests"] > 0
 

@@ -75,12 +75,17 @@ def pipeline_config(params: dict[str, str]) -> PipelineConfig:
 
 def engine_bounds(engines: Path) -> dict[str, int]:
     """Upper bounds of the engine graphs' dynamic dims (``seq``: the largest CTM bucket;
-    ``num_boxes``: the most prompt boxes the pipeline sends), from the engines' manifest."""
+    ``num_boxes``: the most prompt boxes the pipeline sends) and of SAM 3's token ids
+    (``vocab``), from the engines' manifest and the SAM 3 checkpoint's config."""
     manifest = Path(engines) / "manifest.json"
     if not manifest.exists():  # a lone graph (tests): only the box bound
         return {"num_boxes": MAX_BOXES}
     top = json.loads(manifest.read_text())
-    return {"seq": max(int(b) for b in top["ctm_buckets"]), "num_boxes": MAX_BOXES}
+    bounds = {"seq": max(int(b) for b in top["ctm_buckets"]), "num_boxes": MAX_BOXES}
+    sam3 = Path(top.get("sam3", "")) / "config.json"
+    if top.get("sam3") and sam3.exists():  # token ids index the text encoder's embedding
+        bounds["vocab"] = int(json.loads(sam3.read_text())["text_config"]["vocab_size"])
+    return bounds
 
 
 def check_engine_feed(
@@ -105,6 +110,14 @@ def check_engine_feed(
             raise RequestError(name, "holds NaN or infinite values; send finite numbers")
         if name.endswith("mask") and array.size and not np.isin(array, (0, 1)).all():
             raise RequestError(name, "a mask holds values other than 0 and 1")
+        vocab = bounds.get("vocab")
+        if (
+            name == "input_ids"
+            and vocab
+            and array.size
+            and not (0 <= array.min() <= array.max() < vocab)
+        ):
+            raise RequestError(name, f"token ids must be in [0, {vocab})")
 
 
 def group_by_shape(feeds: list[dict[str, np.ndarray]]) -> list[list[int]]:

@@ -428,6 +428,7 @@ class Server:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             self.kept_log = LOG_DIR / f"conceptseg-tritonserver-{stamp}-{os.getpid()}.log"
             shutil.copyfile(self.log_path, self.kept_log)
+            self.kept_log.chmod(0o600)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.process = None
         return code

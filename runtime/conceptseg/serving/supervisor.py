@@ -196,7 +196,11 @@ class Supervisor(threading.Thread):
                 self.on_dead(event)
                 continue
             self.repairing.add(model)
-            threading.Thread(target=self.repair, args=(event,), daemon=True).start()
+            self.spawn(self.repair, event)
+
+    def spawn(self, fn: Callable[[Event], None], event: Event) -> None:
+        """Run a repair beside the polling (a load takes seconds; other deaths must be seen)."""
+        threading.Thread(target=fn, args=(event,), daemon=True).start()
 
     def repair(self, event: Event) -> None:
         """Unload (readiness drops), then load until it succeeds (1 s, 2 s, ... 30 s apart)."""
