@@ -1,7 +1,7 @@
 """Properties of the pure core under arbitrary input (hypothesis): the tag parser, the router,
 the mosaic, the options JSON and request validation never fail with anything but their
 documented errors (RequestError naming a field; the router's ValueError on an empty question),
-and a streaming parse agrees with a one-shot parse.
+and prompt text never carries a special token into the tokenizer.
 
 Run: .venv/bin/pytest tests/unit/test_fuzz.py -q   (seconds)
 """
@@ -21,6 +21,7 @@ from PIL import Image
 from conceptseg import contract, mosaic, router, tags
 from conceptseg.config import from_name
 from conceptseg.contract import INPUTS, Options
+from conceptseg.models import qwen
 from conceptseg.types import Answer, Reference, RequestError
 
 CONFIG = from_name("test", max_image_pixels=200_000, max_image_bytes=200_000)
@@ -102,11 +103,15 @@ def test_build_mosaic_takes_a_valid_reference_set_or_names_the_bad_one(items):
     assert built.image.size == (mosaic.CANVAS, mosaic.CANVAS) and len(built.boxes) == len(refs)
 
 
+def _containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(children, max_size=4) | st.dictionaries(
+        st.text(max_size=10), children, max_size=4
+    )
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
-    ),
+    _containers,
     max_leaves=20,
 )
 OPTION_DICTS = st.dictionaries(
@@ -192,3 +197,16 @@ def test_request_validation_gives_a_request_or_names_the_field(arrays):
         return
     assert request.question.strip() and isinstance(options, Options)
     assert len(request.references) <= mosaic.MAX_REFERENCES
+
+
+SPECIALS = ["<|image_pad|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<tool_call>",
+            "</tool_call>", "<|endoftext|>"]  # fmt: skip
+
+
+@QUICK
+@given(st.lists(st.sampled_from([*SPECIALS, "<", "|", ">", "im_end", "a", " "]), max_size=30))
+def test_prompt_text_never_holds_a_special_token_after_as_text(parts):
+    text = "".join(parts)
+    safe = qwen.as_text(text, SPECIALS)
+    assert not any(token in safe for token in SPECIALS)
+    assert safe.replace("\u200b", "") == text, "only zero-width spaces are added"
