@@ -17,7 +17,7 @@ PERF_STAMP := $(VENV)/.perf-tools
 # the container-equivalent env (tests/gpu_stack): Python 3.12 + the NGC release's packages
 GPU_STACK_VENV := .venv-gpu-stack
 
-.PHONY: install gpu-stack-venv test test-slow test-deploy lint demo synth clean perf-tools bench-serve
+.PHONY: install gpu-stack-venv test test-slow test-deploy lint demo synth clean perf-tools bench-serve soak faults tiny-engines
 
 install: $(STAMP) gpu-stack-venv
 
@@ -74,6 +74,24 @@ bench-serve: perf-tools
 		$(VENV)/bin/conceptseg export --weights $(WEIGHTS) --out $(ENGINES); \
 	fi
 	$(VENV)/bin/conceptseg bench serve --engines $(ENGINES)
+
+tiny-engines: install
+	@if [ ! -f $(ENGINES)/manifest.json ]; then \
+		[ "$(ENGINES)" = engines/tiny ] || { echo "$(ENGINES): no manifest.json; run conceptseg export"; exit 2; }; \
+		[ -d $(WEIGHTS)/mllm ] || $(VENV)/bin/conceptseg synth --out $(WEIGHTS) --size tiny; \
+		$(VENV)/bin/conceptseg export --weights $(WEIGHTS) --out $(ENGINES); \
+	fi
+
+# 10 minutes at concurrency 4, fast and reasoning requests; RSS of every server process
+# (benchmarks/soak.py; `make test` runs a short one)
+SOAK_S ?= 600
+soak: tiny-engines
+	$(PY) benchmarks/soak.py soak --engines $(ENGINES) --duration $(SOAK_S) --concurrency 4
+
+# the same load with stub kills (each model in turn), dropped and abandoned requests
+FAULTS_S ?= 300
+faults: tiny-engines
+	$(PY) benchmarks/soak.py faults --engines $(ENGINES) --duration $(FAULTS_S) --concurrency 4
 
 clean:
 	rm -rf $(VENV) $(GPU_STACK_VENV) weights out engines/tiny

@@ -113,8 +113,10 @@ def requests() -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
 
 
 def run_perf(binary: Path, env: dict[str, str], url: str, data: Path, args: argparse.Namespace,
-             csv_path: Path) -> list[dict[str, float]]:  # fmt: skip
-    command = [str(binary), "-m", "conceptseg", "-u", url, "-i", "grpc", "-b", "1",
+             csv_path: Path, headers: dict[str, str]) -> list[dict[str, float]]:  # fmt: skip
+    # the model config it reads is a restricted API: the key goes as gRPC metadata (-H)
+    keys = [arg for k, v in headers.items() for arg in ("-H", f"{k}:{v}")]
+    command = [str(binary), "-m", "conceptseg", "-u", url, "-i", "grpc", "-b", "1", *keys,
                "--input-data", str(data), "--concurrency-range", args.concurrency,
                "--measurement-mode", "count_windows",
                "--measurement-request-count", str(args.requests_per_window),
@@ -162,7 +164,8 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
                 data = work / f"{route}.json"
                 data.write_text(json.dumps(input_data(arrays)))
                 rows = run_perf(
-                    binary, env, server.cfg.urls["grpc"], data, args, work / f"{route}.csv"
+                    binary, env, server.cfg.urls["grpc"], data, args, work / f"{route}.csv",
+                    server.grpc_headers,
                 )
                 results["routes"][route] = rows
                 for row in rows:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conceptseg import benchmark, contract, evaluate
+from conceptseg import benchmark, config, contract, evaluate
 from conceptseg.build import MLLM_BACKENDS
 from conceptseg.inputs import parse_ref, read_image
 from conceptseg.masks import to_png
@@ -197,6 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = _serve_config(args, Path(args.engines), args.http_port, args.grpc_port, args.metrics_port)
     cfg.model_control = args.model_control
+    cfg.api_key = config.api_key()  # CONCEPTSEG_API_KEY; empty: serve generates one
     cfg.mllm_backend, cfg.mllm_precision = args.mllm_backend, args.mllm_precision
     cfg.sam3_precision = args.sam3_precision
     cfg.mllm_path = Path(args.mllm_path) if args.mllm_path else None
@@ -297,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--model-control", default="none", choices=["none", "explicit"])
+    p.add_argument("--model-control", default="explicit", choices=["none", "explicit"],
+                   help="explicit (default): a model whose stub died is reloaded; load/unload "
+                        "need the API key. none: a stub death stops serve")  # fmt: skip
     p.add_argument("--sam3-precision", default="fp32", choices=SAM3_PRECISIONS,
                    help="cpu: int8 serves the image encoder with int8 weights "
                    "(export --parts sam3_vision_int8)")  # fmt: skip

@@ -18,10 +18,13 @@ class PipelineConfig:
     max_prompt_chars: int = 1000
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 32 << 20
+    # decoded pixels of one request, target and references together (memory per request)
+    max_request_pixels: int = 60_000_000
 
     def __post_init__(self) -> None:
         assert 0 < self.max_new_tokens <= self.max_length, "need 0 < max_new_tokens <= max_length"
         assert self.max_prompt_chars > 0 and self.max_image_pixels > 0 and self.max_image_bytes > 0
+        assert self.max_request_pixels > 0
 
 
 PRESETS = {
@@ -59,3 +62,12 @@ def from_env(
         else:
             changes[f.name] = int(raw)
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+API_KEY_ENV = "CONCEPTSEG_API_KEY"
+
+
+def api_key(environ: dict[str, str] | None = None) -> str:
+    """The restricted-API key ``serve`` gives Triton (``CONCEPTSEG_API_KEY``; empty: none set,
+    ``serve`` generates one per run)."""
+    return dict(os.environ if environ is None else environ).get(API_KEY_ENV, "")

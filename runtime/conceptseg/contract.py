@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -41,8 +42,16 @@ from conceptseg.mosaic import validate_reference
 from conceptseg.types import Box, Reference, Request, RequestError, Result
 
 CONTRACT_VERSION = 1
+# the decoders PIL may try (nothing else is parsed); PIL's JPEG decoder also opens MPO, the
+# multi-picture JPEG phone cameras write: its first picture is an ordinary JPEG
 IMAGE_FORMATS = ("PNG", "JPEG")
 MASK_FORMATS = ("png", "rle")
+MAX_OPTIONS_BYTES = 4096  # the options JSON: a few keys; bounds nesting and number sizes too
+_MAGIC = (
+    (b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WEBP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
+)  # fmt: skip
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x...>"
 
 
 @dataclass(frozen=True)
@@ -90,25 +99,34 @@ class Options:
                 raise RequestError(f"options.{name}", "must be true or false")
         if self.mask_format not in MASK_FORMATS:
             raise RequestError(
-                "options.mask_format", f"{self.mask_format!r}: use one of {MASK_FORMATS}"
+                "options.mask_format", f"{_show(self.mask_format)}: use one of {MASK_FORMATS}"
             )
         t = self.instance_threshold
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 1:
-            raise RequestError("options.instance_threshold", f"{t!r}: give a number in [0, 1]")
-        if self.version != CONTRACT_VERSION:
+            raise RequestError("options.instance_threshold", f"{_show(t)}: give a number in [0, 1]")
+        v = self.version
+        if isinstance(v, bool) or not isinstance(v, int) or v != CONTRACT_VERSION:
             raise RequestError(
                 "options.version",
-                f"{self.version!r}: this server speaks version {CONTRACT_VERSION}",
+                f"{_show(v)}: this server speaks version {CONTRACT_VERSION}",
             )
         return self
 
     @classmethod
     def from_json(cls, text: str) -> Options:
+        if len(text.encode("utf-8", "replace")) > MAX_OPTIONS_BYTES:
+            raise RequestError(
+                "options", f"over {MAX_OPTIONS_BYTES} bytes; give a small JSON object"
+            )
         try:
             raw = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as exc:
             raise RequestError(
                 "options", f"not valid JSON ({exc.msg}); give a JSON object"
+            ) from None
+        except (RecursionError, ValueError) as exc:  # nesting too deep, an integer too long
+            raise RequestError(
+                "options", f"not accepted JSON ({_clean(exc)}); give a flat object"
             ) from None
         if not isinstance(raw, dict):
             raise RequestError("options", f"got a JSON {type(raw).__name__}; give a JSON object")
@@ -149,23 +167,67 @@ def _bytes(value: Any, name: str) -> bytes:
     raise RequestError(name, f"element of type {type(value).__name__}; send bytes")
 
 
-def decode_image(data: bytes, name: str, cfg: PipelineConfig) -> Image.Image:
-    """Encoded PNG/JPEG -> RGB image, checking size limits before decoding the pixels."""
+def _show(value: Any) -> str:
+    """A client's value in a message: its JSON-ish repr, at most 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception's message for a client: no object addresses, at most 200 characters."""
+    return _ADDRESS.sub("<data>", str(exc))[:200]
+
+
+def _sniff(data: bytes) -> str:
+    """The format PIL would name for ``data``, by magic bytes only (for the refusal message)."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    return ""
+
+
+def decode_image(
+    data: bytes, name: str, cfg: PipelineConfig, budget: limits.PixelBudget | None = None
+) -> Image.Image:
+    """Encoded PNG/JPEG -> RGB image, checking size limits before decoding the pixels.
+
+    Only PIL's PNG and JPEG decoders ever see the data. The declared size is checked against
+    ``cfg.max_image_pixels`` before a pixel is decoded (PIL's own decompression-bomb refusal of
+    larger declarations says the same), so memory per image is bounded by the allowed pixels.
+    Every failure of the decoders on these bytes is the client's data: RequestError.
+    """
     limits.check_bytes(name, len(data), cfg)
     try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RequestError(name, f"cannot read it as an image ({exc}); send PNG or JPEG") from None
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise RequestError(
+            name,
+            f"declared size is over the limit of {cfg.max_image_pixels} pixels ({_clean(exc)})",
+        ) from None
+    except UnidentifiedImageError:
+        other = f" (it looks like {_sniff(data)})" if _sniff(data) else ""
+        raise RequestError(
+            name, f"cannot read it as a PNG or JPEG image{other}; send PNG or JPEG"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure on client bytes is bad input
+        if isinstance(exc, MemoryError):
+            raise
+        raise RequestError(
+            name, f"cannot read it as an image ({_clean(exc)}); send PNG or JPEG"
+        ) from None
     w, h = image.size
-    if image.format not in IMAGE_FORMATS:
-        raise RequestError(name, f"format {image.format} is not accepted; send PNG or JPEG")
     limits.check_pixels(name, w, h, cfg)
+    if budget is not None:
+        budget.take(name, w, h)
     try:
+        image.seek(0)  # MPO: the first picture
         image.load()
         return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - truncated data, corrupt chunks, huge metadata
+        if isinstance(exc, MemoryError):
+            raise
         raise RequestError(
-            name, f"cannot decode the image data ({exc}); send PNG or JPEG"
+            name, f"cannot decode the image data ({_clean(exc)}); send PNG or JPEG"
         ) from None
 
 
@@ -202,7 +264,9 @@ def to_request_arrays(
     return arrays
 
 
-def _references(arrays: dict[str, np.ndarray], cfg: PipelineConfig) -> tuple[Reference, ...]:
+def _references(
+    arrays: dict[str, np.ndarray], cfg: PipelineConfig, budget: limits.PixelBudget
+) -> tuple[Reference, ...]:
     images = arrays.get("ref_images")
     boxes = arrays.get("ref_boxes")
     if images is None and boxes is None:
@@ -218,7 +282,8 @@ def _references(arrays: dict[str, np.ndarray], cfg: PipelineConfig) -> tuple[Ref
         raise RequestError("ref_boxes", f"{boxes.shape[1]} boxes for {n} ref_images; one box each")
     refs = []
     for i in range(n):
-        image = decode_image(_bytes(images[0, i], f"ref_images[{i}]"), f"ref_images[{i}]", cfg)
+        name = f"ref_images[{i}]"
+        image = decode_image(_bytes(images[0, i], name), name, cfg, budget)
         box = tuple(float(v) for v in boxes[0, i])
         if not all(math.isfinite(v) for v in box):
             raise RequestError(f"ref_boxes[{i}]", f"box {list(box)} must be 4 finite numbers")
@@ -256,8 +321,10 @@ def from_request_arrays(
             options = Options.from_json(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise RequestError("options", "not valid UTF-8 JSON") from None
-    image = decode_image(_bytes(arrays["image"][0, 0], "image"), "image", cfg)
-    request = Request(image=image, question=question, references=_references(arrays, cfg))
+    budget = limits.PixelBudget(cfg)
+    image = decode_image(_bytes(arrays["image"][0, 0], "image"), "image", cfg, budget)
+    references = _references(arrays, cfg, budget)
+    request = Request(image=image, question=question, references=references)
     return request, options
 
 

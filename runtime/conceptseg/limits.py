@@ -43,3 +43,21 @@ def check_reference_count(name: str, count: int) -> None:
     """0 to ``MAX_REFERENCES`` references."""
     if count > MAX_REFERENCES:
         raise RequestError(name, f"got {count}; give 0 to {MAX_REFERENCES} references")
+
+
+class PixelBudget:
+    """The decoded pixels one request may still spend (``cfg.max_request_pixels``), taken image
+    by image from the declared sizes, before any pixels are decoded."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.left = cfg.max_request_pixels
+        self.limit = cfg.max_request_pixels
+
+    def take(self, name: str, width: int, height: int) -> None:
+        if width * height > self.left:
+            raise RequestError(
+                name,
+                f"{width}x{height} takes the request over its limit of {self.limit} decoded "
+                "pixels (target and references together); downscale the images",
+            )
+        self.left -= width * height

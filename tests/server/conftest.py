@@ -20,6 +20,7 @@ CONFIG = from_name(
     max_image_pixels=1_000_000,
     max_image_bytes=2_000_000,
     max_prompt_chars=200,
+    max_request_pixels=1_500_000,
 )
 
 

@@ -129,9 +129,15 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tiny_weights, tiny_engines, tr
 def test_every_address_is_loopback_unless_asked(tmp_path):
     from conceptseg.serving.server import ServeConfig, _command
 
-    command = _command(ServeConfig(engines=tmp_path), tmp_path / "bin", tmp_path, tmp_path)
+    cfg = ServeConfig(engines=tmp_path)
+    command = _command(cfg, tmp_path / "bin", tmp_path, tmp_path, "k", "p_")
     addresses = [a for a in command if "-address=" in a]
     assert addresses == [f"--{k}-address=127.0.0.1" for k in ("http", "grpc", "metrics")]
-    assert "--model-control-mode=none" in command and "--load-model=*" not in command
-    other = _command(ServeConfig(engines=tmp_path, host="0.0.0.0"), tmp_path, tmp_path, tmp_path)
+    assert "--model-control-mode=explicit" in command and "--load-model=*" in command
+    restricted = [a for a in command if "-restricted-" in a]
+    assert len(restricted) == 2 and all(a.endswith(":conceptseg-api-key=k") for a in restricted)
+    assert "--backend-config=python,shm-region-prefix-name=p_" in command
+    other = _command(
+        ServeConfig(engines=tmp_path, host="0.0.0.0"), tmp_path, tmp_path, tmp_path, "k", "p_"
+    )
     assert "--http-address=0.0.0.0" in other, "an explicit --host binds elsewhere"

@@ -191,8 +191,8 @@ def test_every_bad_input_is_invalid_arg_and_the_next_request_succeeds(protocol, 
         assert client.segment(sample.image, FAST).result["route"] == "fast", f"after {kind}"
 
 
-def test_engine_failure_fails_only_its_request(grpc, http, sample):
-    grpc.client.unload_model("ctm")
+def test_engine_failure_fails_only_its_request(triton, grpc, http, sample):
+    grpc.client.unload_model("ctm", headers=triton.grpc_headers)
     try:
         outcome = {}
 
@@ -213,7 +213,7 @@ def test_engine_failure_fails_only_its_request(grpc, http, sample):
         assert "ctm" in error.message, error.message
         assert fast.result["route"] == "fast"
     finally:
-        grpc.client.load_model("ctm")
+        grpc.client.load_model("ctm", headers=triton.grpc_headers)
     assert grpc.segment(sample.image, sample.question, refs(sample)).result["route"] == "reason"
 
 

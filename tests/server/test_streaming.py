@@ -87,8 +87,9 @@ def test_bad_input_is_refused_by_name_and_streaming_goes_on(grpc, sample):
     assert after.result["route"] == "reason" and "".join(arrivals) == after.result["text"]
 
 
-def test_engine_failure_after_streaming_ends_the_stream_with_internal(grpc, sample):
-    grpc.client.unload_model("ctm")  # the CTM runs after the text was generated and streamed
+def test_engine_failure_after_streaming_ends_the_stream_with_internal(triton, grpc, sample):
+    # the CTM runs after the text was generated and streamed
+    grpc.client.unload_model("ctm", headers=triton.grpc_headers)
     arrivals = []
     try:
         with pytest.raises(ServerError) as info:
@@ -96,7 +97,7 @@ def test_engine_failure_after_streaming_ends_the_stream_with_internal(grpc, samp
                 sample.image, sample.question, refs(sample), on_text=arrivals.append
             )
     finally:
-        grpc.client.load_model("ctm")
+        grpc.client.load_model("ctm", headers=triton.grpc_headers)
     assert info.value.status == "INTERNAL" and not info.value.invalid_argument
     assert "ctm" in info.value.message and arrivals, "the text came before the failure"
     assert (

@@ -90,9 +90,28 @@ def load_processor(directory: Path) -> Any:
     return AutoProcessor.from_pretrained(directory)
 
 
+def as_text(text: str, specials: Any) -> str:
+    """``text`` with every special-token string in it (``<|image_pad|>``, ``<|im_end|>``, ...)
+    broken by a zero-width space after its first character: the tokenizer then reads it as the
+    characters it is, never as a control token."""
+    for token in sorted(specials, key=len, reverse=True):
+        if token in text:
+            text = text.replace(token, token[0] + "\u200b" + token[1:])
+    return text
+
+
 def chat_text(processor: Any, messages: list[dict[str, Any]]) -> str:
-    """The prompt text of ``messages``, generation prompt added (the reference's call)."""
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt text of ``messages``, generation prompt added (the reference's call). The
+    user's text is text: special tokens in it are neutralised (:func:`as_text`)."""
+    specials = processor.tokenizer.get_added_vocab()
+    safe = [
+        {**m, "content": [
+            {**c, "text": as_text(c["text"], specials)} if c.get("type") == "text" else c
+            for c in m["content"]
+        ]} if m["role"] == "user" and isinstance(m["content"], list) else m
+        for m in messages
+    ]  # fmt: skip
+    return processor.apply_chat_template(safe, tokenize=False, add_generation_prompt=True)
 
 
 def chat_inputs(

@@ -7,12 +7,17 @@ is passed in by the model.py files: this package never imports it.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from conceptseg.config import PipelineConfig
 from conceptseg.types import RequestError
+
+MAX_BOXES = 64  # prompt boxes per SAM 3 call: the pipeline sends at most a few
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # object reprs: no addresses to clients
 
 
 def model_params(args: dict[str, Any], required: tuple[str, ...]) -> dict[str, str]:
@@ -54,8 +59,9 @@ def error_response(pb_utils: Any, exc: BaseException, logger: Any = None) -> Any
         )
     if logger is not None:
         logger.log_error(f"request failed: {type(exc).__name__}: {exc}")
+    message = _ADDRESS.sub("<object>", str(exc))[:500]
     return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(f"internal error: {exc}", pb_utils.TritonError.INTERNAL)
+        error=pb_utils.TritonError(f"internal error: {message}", pb_utils.TritonError.INTERNAL)
     )
 
 
@@ -65,6 +71,53 @@ def pipeline_config(params: dict[str, str]) -> PipelineConfig:
         return PipelineConfig(**json.loads(params["pipeline_config"]))
     except (TypeError, ValueError) as exc:
         raise AssertionError(f"parameter pipeline_config: {exc}") from None
+
+
+def engine_bounds(engines: Path) -> dict[str, int]:
+    """Upper bounds of the engine graphs' dynamic dims (``seq``: the largest CTM bucket;
+    ``num_boxes``: the most prompt boxes the pipeline sends) and of SAM 3's token ids
+    (``vocab``), from the engines' manifest and the SAM 3 checkpoint's config."""
+    manifest = Path(engines) / "manifest.json"
+    if not manifest.exists():  # a lone graph (tests): only the box bound
+        return {"num_boxes": MAX_BOXES}
+    top = json.loads(manifest.read_text())
+    bounds = {"seq": max(int(b) for b in top["ctm_buckets"]), "num_boxes": MAX_BOXES}
+    sam3 = Path(top.get("sam3", "")) / "config.json"
+    if top.get("sam3") and sam3.exists():  # token ids index the text encoder's embedding
+        bounds["vocab"] = int(json.loads(sam3.read_text())["text_config"]["vocab_size"])
+    return bounds
+
+
+def check_engine_feed(
+    feed: dict[str, np.ndarray], shapes: dict[str, list[Any]], bounds: dict[str, int]
+) -> None:
+    """An engine model's request, re-checked (clients can call engine models directly): every
+    graph input present, named dynamic dims within ``bounds`` and equal across inputs, float
+    inputs finite and masks 0/1. Raises RequestError naming the tensor."""
+    seen: dict[str, int] = {}
+    for name, shape in shapes.items():
+        array = feed.get(name)
+        if array is None:
+            raise RequestError(name, "missing; every input of this model is required")
+        for dim, size in zip(shape[1:], array.shape[1:], strict=False):
+            if not isinstance(dim, str):
+                continue
+            if size > bounds.get(dim, size):
+                raise RequestError(name, f"{dim} = {size} is over the limit of {bounds[dim]}")
+            if seen.setdefault(dim, size) != size:
+                raise RequestError(name, f"{dim} = {size} differs from {seen[dim]} elsewhere")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise RequestError(name, "holds NaN or infinite values; send finite numbers")
+        if name.endswith("mask") and array.size and not np.isin(array, (0, 1)).all():
+            raise RequestError(name, "a mask holds values other than 0 and 1")
+        vocab = bounds.get("vocab")
+        if (
+            name == "input_ids"
+            and vocab
+            and array.size
+            and not (0 <= array.min() <= array.max() < vocab)
+        ):
+            raise RequestError(name, f"token ids must be in [0, {vocab})")
 
 
 def group_by_shape(feeds: list[dict[str, np.ndarray]]) -> list[list[int]]:

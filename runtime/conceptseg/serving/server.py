@@ -18,6 +18,14 @@ The server is the ``tritonserver`` binary (2.51.0, with the Python backend) from
 ``libpython3.11.so.1.0``) and the wheel's ``nvidia_pytriton.libs``. Addresses default to
 127.0.0.1; the server runs in its own session so Ctrl-C here stops it cleanly (SIGINT, then the
 whole group after ``exit_timeout``), and it gets SIGTERM if this process dies without stopping it.
+
+Closed by default: shared-memory registration, logging, trace, statistics, model configs and the
+model repository (load/unload) answer only requests carrying the header ``conceptseg-api-key``
+(gRPC metadata ``triton-grpc-protocol-conceptseg-api-key``), key from ``CONCEPTSEG_API_KEY`` or
+generated per run; health, metadata and inference stay open. The Python backend's regions get a
+per-run name prefix (still starting with Triton's default, which 25.07+ refuses to register) so
+the supervisor (``conceptseg.serving.supervisor``) can make them 0600 and ``stop`` can remove them.
+A crashed server's log is kept (``Server.kept_log``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,6 +51,7 @@ from typing import Any
 import conceptseg
 from conceptseg import gpu_stack
 from conceptseg.models.engines import find_plans
+from conceptseg.serving import supervisor
 from conceptseg.serving.repository import (
     RepoOptions,
     TemplateError,
@@ -52,6 +62,14 @@ from conceptseg.types import RequestError
 
 STUB_SITE = Path(sys.prefix) / "triton-stub-site"  # numpy<2 for the stub (Makefile installs it)
 LOCALHOST = "127.0.0.1"
+API_KEY_HEADER = "conceptseg-api-key"
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"  # Triton's gRPC metadata form
+# Triton's restricted-API categories that need the key; health, metadata, inference stay open
+RESTRICTED = (
+    "shared-memory", "logging", "trace", "statistics", "model-config", "model-repository",
+)  # fmt: skip
+SHM_PREFIX = "triton_python_backend_shm_region_"  # Triton's default (25.07+ refuses to register it)
+LOG_DIR = Path(tempfile.gettempdir())  # where a crashed server's log is kept
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,7 @@ def server_env(install: TritonInstall, stub_env: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
     env.pop("PYTHONHOME", None)
     env.pop("VIRTUAL_ENV", None)
+    env.pop("CONCEPTSEG_API_KEY", None)  # the server gets it on its command line only
     return env
 
 
@@ -156,7 +175,14 @@ class ServeConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    model_control: str = "none"  # "explicit": models can be unloaded/loaded (tests)
+    # "explicit": models can be unloaded/loaded (with the key); the supervisor reloads a model
+    # whose stub died. "none": it stops the server instead (its own supervisor restarts it)
+    model_control: str = "explicit"
+    api_key: str = ""  # the restricted-API key; empty: generated per run (see Server.api_key)
+    supervise: bool = True  # watch the stubs (conceptseg.serving.supervisor)
+    health_interval_s: float = 0.5
+    # Triton >= 2.59 (--http-max-input-size): refuse bigger HTTP inputs; 0: 4 + 1 images' limit
+    max_input_bytes: int = 0
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     orchestrator_instances: int = 2
     engine_threads: int = 0
@@ -180,7 +206,28 @@ class ServeConfig:
         }
 
 
-def _command(cfg: ServeConfig, binary: Path, repo: Path, backends: Path) -> list[str]:
+def _restricted(key: str) -> list[str]:
+    apis = ",".join(RESTRICTED)
+    return [
+        f"--http-restricted-api={apis}:{API_KEY_HEADER}={key}",
+        f"--grpc-restricted-protocol={apis}:{API_KEY_HEADER}={key}",
+    ]
+
+
+def has_flag(binary: Path, env: dict[str, str], flag: str) -> bool:
+    """Whether ``tritonserver --help`` lists ``flag`` (options that came after 2.51)."""
+    try:
+        shown = subprocess.run(
+            [str(binary), "--help"], env=env, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in shown.stdout + shown.stderr
+
+
+def _command(
+    cfg: ServeConfig, binary: Path, repo: Path, backends: Path, key: str, prefix: str
+) -> list[str]:
     cmd = [str(binary), f"--model-repository={repo}", f"--backend-directory={backends}"]
     for kind, port in (
         ("http", cfg.http_port),
@@ -194,6 +241,8 @@ def _command(cfg: ServeConfig, binary: Path, repo: Path, backends: Path) -> list
         f"--log-verbose={cfg.log_verbose}",
         "--strict-readiness=true",
         "--disable-auto-complete-config",
+        f"--backend-config=python,shm-region-prefix-name={prefix}",
+        *_restricted(key),
     ]
     if cfg.model_control == "explicit":
         cmd.append("--load-model=*")
@@ -222,6 +271,21 @@ class Server:
         self.workdir = Path(tempfile.mkdtemp(prefix="conceptseg-triton-"))
         self.log_path = self.workdir / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.api_key = cfg.api_key or secrets.token_urlsafe(24)
+        self.region_prefix = f"{SHM_PREFIX}cs{secrets.token_hex(4)}_"
+        self.supervisor: supervisor.Supervisor | None = None
+        self.kept_log: Path | None = None  # where the log of a server that crashed was kept
+        self.on_event: Any = lambda line: None  # supervisor messages (serve prints them)
+        self.on_dead: Any = lambda event: None  # a stub died and cannot be reloaded
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that open the restricted APIs (gRPC: ``grpc_headers``)."""
+        return {API_KEY_HEADER: self.api_key}
+
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        return {GRPC_KEY_HEADER: self.api_key}
 
     def prepare(self) -> list[str]:
         """Repository, backends and stub env in the work dir; the server command line."""
@@ -270,7 +334,10 @@ class Server:
         if install is None:  # e.g. the NGC container: its own stub and Python, this package in it
             assert cfg.tritonserver is not None and cfg.backend_dir is not None
             self.env = dict(os.environ)
-            return _command(cfg, Path(cfg.tritonserver), repo, Path(cfg.backend_dir))
+            command = self._command(Path(cfg.tritonserver), repo, Path(cfg.backend_dir))
+            if has_flag(Path(cfg.tritonserver), self.env, "--http-max-input-size"):
+                command.append(f"--http-max-input-size={self.max_input_bytes()}")
+            return command
         if cfg.profile == "gpu":
             raise RequestError(
                 "--profile gpu",
@@ -280,7 +347,15 @@ class Server:
             )
         backends = prepare_backends(install, self.workdir / "backends")
         self.env = server_env(install, prepare_stub_env(self.workdir / "stub-env"))
-        return _command(cfg, install.binary, repo, backends)
+        return self._command(install.binary, repo, backends)  # 2.51: no --http-max-input-size
+
+    def _command(self, binary: Path, repo: Path, backends: Path) -> list[str]:
+        return _command(self.cfg, binary, repo, backends, self.api_key, self.region_prefix)
+
+    def max_input_bytes(self) -> int:
+        """The biggest input a valid request has: 4 reference images at the byte limit (+1 MiB)."""
+        limit = int(self.cfg.pipeline_config.get("max_image_bytes", 32 << 20))
+        return self.cfg.max_input_bytes or 4 * limit + (1 << 20)
 
     def start(self) -> Server:
         try:
@@ -295,6 +370,20 @@ class Server:
                     preexec_fn=_die_with_parent,
                 )
             self.wait_ready()
+            if self.cfg.supervise:
+                self.supervisor = supervisor.Supervisor(
+                    self.process.pid,
+                    supervisor.Repository(
+                        f"http://{self.cfg.host}:{self.cfg.http_port}", self.headers
+                    ),  # fmt: skip
+                    region_prefix=self.region_prefix,
+                    interval_s=self.cfg.health_interval_s,
+                    can_reload=self.cfg.model_control == "explicit",
+                    on_event=lambda line: self.on_event(line),
+                    on_dead=lambda event: self.on_dead(event),
+                )
+                self.supervisor.check()  # the stubs as they are now, the regions made 0600
+                self.supervisor.start()
         except BaseException:
             self.stop()  # nothing left behind: process group, work dir
             raise
@@ -331,8 +420,14 @@ class Server:
         return "\n".join(text[-lines:]) + f"\n(full log: {self.log_path})"
 
     def stop(self) -> int | None:
-        """SIGINT (Triton's clean shutdown), then SIGKILL to the server's group; returns its code."""
+        """SIGINT (Triton's clean shutdown), then SIGKILL to the server's group; returns its code.
+
+        The server's shared-memory files are removed. If it had exited by itself (a crash), its
+        log is kept in ``LOG_DIR`` (``kept_log``) before the work dir goes."""
         process, code = self.process, None
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        crashed = process is not None and process.poll() is not None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
@@ -347,6 +442,12 @@ class Server:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            supervisor.remove_regions(self.region_prefix)
+        if crashed and self.log_path.exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.kept_log = LOG_DIR / f"conceptseg-tritonserver-{stamp}-{os.getpid()}.log"
+            shutil.copyfile(self.log_path, self.kept_log)
+            self.kept_log.chmod(0o600)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.process = None
         return code
@@ -362,25 +463,47 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the server the way Ctrl-C does
 
 
-def serve_forever(cfg: ServeConfig) -> int:
-    """Start, print the URLs, wait for Ctrl-C (or SIGTERM), stop. Returns the exit status."""
-    server, status = Server(cfg), 0
+def _run_once(server: Server) -> str:
+    """One server from start to its end: "exited" (crash), "stub" (a stub died and cannot be
+    reloaded: model control none). Ctrl-C / SIGTERM raise KeyboardInterrupt."""
+    cfg, outcome = server.cfg, []
+    server.on_event = lambda line: print(line, flush=True)
+    server.on_dead = lambda event: outcome.append("stub")
+    print(f"starting tritonserver ({cfg.profile} profile, engines {cfg.engines}) ...", flush=True)
+    server.start()
+    urls = cfg.urls
+    print(f"ready: HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}", flush=True)
+    where = "CONCEPTSEG_API_KEY" if cfg.api_key else f"generated for this run: {server.api_key}"
+    print(f"restricted APIs need header {API_KEY_HEADER} (key {where})", flush=True)
+    print(f"repository and log: {server.workdir} (removed on exit); Ctrl-C stops", flush=True)
+    while server.process is not None and server.process.poll() is None and not outcome:
+        time.sleep(0.5)
+    return outcome[0] if outcome else "exited"
+
+
+def serve_forever(cfg: ServeConfig, max_restarts: int = 3) -> int:
+    """Start, print the URLs, wait for Ctrl-C (or SIGTERM), stop. Returns the exit status.
+
+    A server that crashes is restarted (at most ``max_restarts`` times), its log kept and
+    printed; a stub death that cannot be repaired in place (model control none) stops it."""
+    status, restarts = 0, 0
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    server: Server | None = None
     try:
-        print(
-            f"starting tritonserver ({cfg.profile} profile, engines {cfg.engines}) ...", flush=True
-        )
-        server.start()
-        urls = cfg.urls
-        print(
-            f"ready: HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}",
-            flush=True,
-        )
-        print(f"repository and log: {server.workdir} (removed on exit); Ctrl-C stops", flush=True)
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        print(f"tritonserver exited by itself:\n{server.log_tail()}", flush=True)
-        status = 1
+        while True:
+            server = Server(cfg)
+            outcome = _run_once(server)
+            code = server.stop()
+            if outcome == "stub":
+                print("a model's stub died and model control is none: stopped", flush=True)
+                return 1
+            print(f"tritonserver exited by itself (status {code}); log kept: {server.kept_log}",
+                  flush=True)  # fmt: skip
+            server = None
+            if restarts >= max_restarts:
+                return 1
+            restarts += 1
+            print(f"restarting ({restarts} of {max_restarts}) ...", flush=True)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:  # the server did not come up: its log says why
@@ -389,10 +512,10 @@ def serve_forever(cfg: ServeConfig) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown
         signal.signal(signal.SIGTERM, previous)
-        if server.process is not None:
+        if server is not None and server.process is not None:
             print("stopping tritonserver ...", flush=True)
-        code = server.stop()
-        if code is not None:
-            print(f"stopped (exit status {code})", flush=True)
+            code = server.stop()
+            if code is not None:
+                print(f"stopped (exit status {code})", flush=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     return status

@@ -1,0 +1,100 @@
+"""The stub watchdog's rule, with fake stubs and a fake Triton: a stub that is a zombie or gone
+while its model is still "ready" is a death (unload, then load until it works); a deliberate
+unload or a replaced stub is not; without model control a death is only reported.
+
+Run: .venv/bin/pytest tests/unit/test_supervisor.py -q   (seconds)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conceptseg.serving import supervisor
+from conceptseg.serving.supervisor import Stub, Supervisor
+
+
+class FakeTriton:
+    def __init__(self, loads_failing: int = 0):
+        self.ready_models = {"mllm", "ctm"}
+        self.calls: list[str] = []
+        self.loads_failing = loads_failing
+
+    def ready(self, model):
+        return model in self.ready_models
+
+    def unload(self, model):
+        self.calls.append(f"unload {model}")
+        self.ready_models.discard(model)
+        return True
+
+    def load(self, model, timeout=300.0):
+        self.calls.append(f"load {model}")
+        if self.loads_failing:
+            self.loads_failing -= 1
+            return False
+        self.ready_models.add(model)
+        return True
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    current: list[Stub] = []
+    monkeypatch.setattr(supervisor, "list_stubs", lambda pid: list(current))
+    return current
+
+
+def watch(triton, **kw):
+    return Supervisor(1, triton, interval_s=0.01, **kw)
+
+
+def test_a_zombie_stub_of_a_ready_model_is_unloaded_then_loaded(stubs):
+    triton = FakeTriton(loads_failing=1)
+    sup = watch(triton)
+    sup.spawn = lambda fn, event: fn(event)  # the repair runs here, synchronously
+    sup._stop = _NoWait()  # and does not sleep between its attempts
+    stubs += [Stub(10, "mllm_0_0", "r1", True), Stub(11, "ctm_0_0", "r2", True)]
+    sup.check()
+    assert triton.calls == [] and sup.known == {"mllm_0_0": 10, "ctm_0_0": 11}
+    stubs[0] = Stub(10, "mllm_0_0", "r1", False)  # killed: a zombie of the server
+    sup.check()
+    assert triton.calls == ["unload mllm", "load mllm", "load mllm"], "retried until it loads"
+    (event,) = sup.events
+    assert event.model == "mllm" and event.attempts == 2 and event.recovered_s is not None
+
+
+def test_a_deliberate_unload_or_a_replaced_stub_is_not_a_death(stubs):
+    triton = FakeTriton()
+    sup = watch(triton)
+    stubs += [Stub(10, "mllm_0_0", "r1", True), Stub(11, "ctm_0_0", "r2", True)]
+    sup.check()
+    triton.ready_models.discard("ctm")  # unloaded by an operator: its stub exits
+    del stubs[1]
+    stubs[0] = Stub(12, "mllm_0_0", "r3", True)  # reloaded by an operator: a new stub
+    sup.check()
+    assert triton.calls == [] and sup.events == [] and sup.known == {"mllm_0_0": 12}
+
+
+def test_without_model_control_a_death_is_reported_not_repaired(stubs):
+    triton, dead = FakeTriton(), []
+    sup = watch(triton, can_reload=False, on_dead=dead.append)
+    stubs.append(Stub(11, "ctm_0_0", "r2", True))
+    sup.check()
+    stubs.clear()
+    sup.check()
+    assert triton.calls == [] and [e.instance for e in dead] == ["ctm_0_0"]
+
+
+def test_instance_names_give_the_model():
+    assert Stub(1, "conceptseg_stream_0_1", "", True).model == "conceptseg_stream"
+    assert Stub(1, "sam3_vision_0_0", "", True).model == "sam3_vision"
+
+
+class _NoWait:
+    def is_set(self):
+        return False
+
+    def wait(self, seconds):
+        return False
+
+    def set(self):
+        pass
