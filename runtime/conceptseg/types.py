@@ -29,6 +29,16 @@ class RequestError(ValueError):
         self.field, self.message = field_name, message
 
 
+class Cancelled(RuntimeError):
+    """The request's client went away (disconnect, deadline, cancelled stream): its work stopped.
+    The server answers CANCELLED."""
+
+
+class AtCapacity(RuntimeError):
+    """Every slot and queue place is taken: the request was refused at once, untouched. The
+    server answers UNAVAILABLE; retry later (with backoff) or against another replica."""
+
+
 class UsageError(ValueError):
     """A command-line, file or environment mistake (not a request field): the CLI prints
     ``error: <argument>: <message>`` and exits 2."""
