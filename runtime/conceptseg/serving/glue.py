@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg.config import PipelineConfig
-from conceptseg.types import RequestError
+from conceptseg.types import AtCapacity, Cancelled, RequestError
 
 
 def model_params(args: dict[str, Any], required: tuple[str, ...]) -> dict[str, str]:
@@ -46,11 +46,20 @@ def to_response(pb_utils: Any, arrays: dict[str, np.ndarray]) -> Any:
     )
 
 
+def error_code(pb_utils: Any, exc: BaseException) -> Any:
+    """The ``TritonError`` code for ``exc``: INVALID_ARG (:class:`RequestError`), CANCELLED
+    (:class:`Cancelled`), UNAVAILABLE (:class:`AtCapacity`), else INTERNAL."""
+    codes = {RequestError: "INVALID_ARG", Cancelled: "CANCELLED", AtCapacity: "UNAVAILABLE"}
+    name = next((n for t, n in codes.items() if isinstance(exc, t)), "INTERNAL")
+    return getattr(pb_utils.TritonError, name)
+
+
 def error_response(pb_utils: Any, exc: BaseException, logger: Any = None) -> Any:
-    """INVALID_ARG for a :class:`RequestError`, INTERNAL (and a log line) for anything else."""
-    if isinstance(exc, RequestError):
+    """INVALID_ARG / CANCELLED / UNAVAILABLE for the typed errors (:func:`error_code`),
+    INTERNAL (and a log line) for anything else."""
+    if isinstance(exc, RequestError | Cancelled | AtCapacity):
         return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+            error=pb_utils.TritonError(str(exc), error_code(pb_utils, exc))
         )
     if logger is not None:
         logger.log_error(f"request failed: {type(exc).__name__}: {exc}")

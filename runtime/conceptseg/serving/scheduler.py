@@ -73,6 +73,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.running: dict[Job, Any] = {}  # job -> its backend sequence (stepping) or None
         self.by_id: dict[str, Job] = {}
+        self.early: deque[str] = deque(maxlen=256)  # cancels that came before their job
         self.peak = 0  # most generations running at once (for tests and benchmarks)
         self.cond = threading.Condition()
         self.closed = False
@@ -92,6 +93,9 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Admit ``job``, or raise :class:`AtCapacity` at once (nothing of it has run)."""
         with self.cond:
+            if job.request_id and job.request_id in self.early:
+                self.early.remove(job.request_id)
+                raise Cancelled(f"{job.request_id}: cancelled before it arrived")
             if self.closed or self.held() >= self.slots + self.queue:
                 raise AtCapacity(
                     f"the MLLM is at capacity ({self.slots} generations running, {self.queue} "
@@ -104,12 +108,15 @@ class Scheduler:
 
     def cancel(self, request_id: str) -> bool:
         """Mark the job with ``request_id`` cancelled (it leaves at its next step); False when
-        no such job is held (already answered, or never seen)."""
+        no such job is held: already answered, or not arrived yet (then it is refused when it
+        does: the cancel and the generation travel as separate requests)."""
         with self.cond:
             job = self.by_id.get(request_id)
             if job is not None:
                 job.cancelled = True
                 self.cond.notify_all()
+            elif request_id:
+                self.early.append(request_id)
             return job is not None
 
     def close(self) -> None:
