@@ -91,6 +91,9 @@ class MockRequest:
     def get_response_sender(self):
         return self.sender
 
+    def timeout(self):
+        return 0
+
     def input(self, name):
         array = self.tensors.get(name)
         return None if array is None else MockTritonTensor(name, array)
@@ -329,7 +332,7 @@ class FakeOrchestrator:
         self.bls, self.closed = bls, False
         self.limits = (max_requests, max_reasoning)
 
-    def start(self, arrays, on_done, on_error, *, on_text=None, is_cancelled=None):
+    def start(self, arrays, on_done, on_error, *, on_text=None, is_cancelled=None, timeout_s=0):
         prompt = arrays["prompt"][0, 0]
         if prompt == b"full":
             raise AtCapacity("the server is at capacity (12 requests in flight): retry later")
@@ -386,7 +389,7 @@ def test_orchestrator_one_response_per_request(pb_utils, monkeypatch):
             MockTritonError.UNAVAILABLE,
             "the server is at capacity (12 requests in flight): retry later",
         ),
-        (MockTritonError.CANCELLED, "the client went away"),
+        (MockTritonError.CANCELLED, "cancelled: the client went away"),
     ]
     assert responses[4].error is None and responses[4].output("result")[0, 0] == b"mug"
     pb_utils.Logger.log_error.assert_called_once()  # INTERNAL only

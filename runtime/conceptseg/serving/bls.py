@@ -41,10 +41,12 @@ def background_loop(executor_threads: int = 64) -> asyncio.AbstractEventLoop:
 def engine_error(pb_utils: Any, model: str, error: Any) -> Exception:
     """The exception for ``model``'s error answer, by its code (see the module docstring)."""
     code = error.code() if callable(getattr(error, "code", None)) else getattr(error, "code", None)
-    message = f"{model}: {error.message()}"
-    if code == pb_utils.TritonError.CANCELLED:
-        return Cancelled(message)
-    if code == pb_utils.TritonError.UNAVAILABLE:
+    text = error.message()
+    message = f"{model}: {text}"
+    # a BLS response's error does not always keep its code in 2.51: the messages say it too
+    if code == pb_utils.TritonError.CANCELLED or text.startswith(Cancelled.PREFIX):
+        return Cancelled(f"{text.removeprefix(Cancelled.PREFIX)} ({model})")
+    if code == pb_utils.TritonError.UNAVAILABLE or AtCapacity.MARK in text:
         return AtCapacity(message)
     return EngineError(message)
 

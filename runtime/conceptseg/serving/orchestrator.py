@@ -11,8 +11,9 @@ model answers UNAVAILABLE). At most ``max_reasoning`` of them may be in the MLLM
 reasoning requests cannot hold every thread (no head-of-line blocking). A request reaching the
 MLLM step with ``max_reasoning`` there already gets UNAVAILABLE too.
 
-Cancellation: a watcher thread polls each request's ``is_cancelled`` (client gone, deadline
-passed, stream cancelled). The pipeline checks it between steps; while the request waits on the
+Cancellation: a watcher thread polls each request's ``is_cancelled`` (gRPC: client gone,
+deadline passed, stream cancelled) and its ``timeout`` parameter's deadline (HTTP: Triton 2.51
+does not notice a dropped connection while the request runs, so HTTP clients send a timeout). The pipeline checks it between steps; while the request waits on the
 MLLM, the watcher sends the ``mllm`` model a cancel for it (a BLS call cannot be cancelled in
 Triton 2.51), so the generation stops at its next step and frees its slot; the request ends
 with :class:`Cancelled` (CANCELLED).
@@ -52,13 +53,18 @@ def _never() -> bool:
 
 @dataclass(eq=False)
 class Ticket:
-    """One admitted request's cancellation state (``mllm_id``: its generation, while it runs)."""
+    """One admitted request's cancellation state (``mllm_id``: its generation, while it runs;
+    ``deadline``: ``time.monotonic()`` past which the client has given up, from the request's
+    ``timeout`` parameter)."""
 
     is_cancelled: Callable[[], bool] = _never
+    deadline: float | None = None
     cancelled: bool = False
     mllm_id: str = ""
 
     def poll(self) -> bool:
+        if not self.cancelled and self.deadline is not None:
+            self.cancelled = time.monotonic() > self.deadline
         if not self.cancelled:
             try:
                 self.cancelled = bool(self.is_cancelled())
@@ -183,10 +189,13 @@ class Orchestrator:
         *,
         on_text: OnText | None = None,
         is_cancelled: Callable[[], bool] = _never,
+        timeout_s: float = 0.0,
     ) -> None:
         """Admit a request and run it on its own pool thread (``on_done`` gets the response
-        tensors, ``on_error`` the failure), or raise :class:`AtCapacity` at once."""
-        ticket = Ticket(is_cancelled)
+        tensors, ``on_error`` the failure), or raise :class:`AtCapacity` at once. ``timeout_s``
+        (> 0): the client gives up after it, so the request is cancelled then."""
+        deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+        ticket = Ticket(is_cancelled, deadline)
         with self.lock:
             if len(self.live) >= self.max_requests:
                 raise AtCapacity(

@@ -95,7 +95,7 @@ class Scheduler:
         with self.cond:
             if job.request_id and job.request_id in self.early:
                 self.early.remove(job.request_id)
-                raise Cancelled(f"{job.request_id}: cancelled before it arrived")
+                raise Cancelled(f"{job.request_id} before it arrived")
             if self.closed or self.held() >= self.slots + self.queue:
                 raise AtCapacity(
                     f"the MLLM is at capacity ({self.slots} generations running, {self.queue} "
@@ -176,7 +176,7 @@ class Scheduler:
                 gone = self._drop_gone_waiting()
                 job = self._admit()
             for dropped in gone:
-                self._settle(dropped, error=Cancelled("cancelled while queued"))
+                self._settle(dropped, error=Cancelled("while queued"))
             if job is not None:
                 self._open(job)
             self._turn()
@@ -198,7 +198,7 @@ class Scheduler:
         for job, seq in batch:
             if job.gone():
                 self.backend.release(seq)
-                self._settle(job, error=Cancelled("cancelled while generating"))
+                self._settle(job, error=Cancelled("while generating"))
             else:
                 live.append((job, seq))
         try:
@@ -231,14 +231,14 @@ class Scheduler:
                 gone = self._drop_gone_waiting()
                 job = self._admit() if len(self.running) < self.slots else None
             for dropped in gone:
-                self._settle(dropped, error=Cancelled("cancelled while queued"))
+                self._settle(dropped, error=Cancelled("while queued"))
             if job is not None:
                 self._generate(job)
 
     def _generate(self, job: Job) -> None:
         def on_text(delta: str) -> None:
             if job.gone():
-                raise Cancelled("cancelled while generating")
+                raise Cancelled("while generating")
             if job.on_text is not None:
                 job.on_text(delta)
 

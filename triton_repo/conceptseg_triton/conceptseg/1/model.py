@@ -64,6 +64,7 @@ class TritonPythonModel:
                 lambda exc: glue.send_final_error(pb_utils, sender, exc),
                 on_text=send_text if self.decoupled else None,
                 is_cancelled=sender.is_cancelled,
+                timeout_s=request.timeout() / 1e6,  # the request's "timeout" parameter (µs)
             )
         except Exception as exc:  # noqa: BLE001 - one request fails, the batch goes on
             glue.send_final_error(pb_utils, sender, exc)
