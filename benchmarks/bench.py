@@ -11,6 +11,8 @@ Targets:
 - ``mllm``: the MLLM's prefill and decode tokens/s, transformers bf16 vs the ort-genai export
   (int4 by default), with bytes moved per token and the machine's read bandwidth
   (``mllm_bench.py``).
+- ``mllm-batch``: the ort-genai MLLM's aggregate decode tokens/s over 1, 2, 4, 8 concurrent
+  sequences (the ``mllm`` model's continuous batching), with batch invariance (``batch_bench.py``).
 - ``serve``: the Triton server under perf_analyzer, fast and reasoning requests over a
   concurrency range, next to the in-process latency (``serve_bench.py``).
 - ``attention``: one global ViT attention block three ways under ONNX Runtime
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import attention_bench  # beside this file
+import batch_bench
 import gemm_bench
 import mllm_bench
 import numpy as np
@@ -303,7 +306,7 @@ def print_table(rows: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "target", choices=["sam3", "mllm", "serve", "attention", "gemm"]
+        "target", choices=["sam3", "mllm", "mllm-batch", "serve", "attention", "gemm"]
     )
     parser.add_argument("--weights", default="weights/real-3b")
     parser.add_argument("--engines", default="engines/real-3b")
@@ -317,6 +320,7 @@ def main() -> None:
     parser.add_argument("--runner", default="identity", choices=sorted(RUNNERS))
     mllm_bench.add_args(parser)
     serve_bench.add_args(parser)
+    batch_bench.add_args(parser)
     attention_bench.add_args(parser)
     args = parser.parse_args()
     if args.target == "sam3":
@@ -333,6 +337,9 @@ def main() -> None:
         for key, row in rows.items():
             print(f"{key:24} median {row['median_ms']:8.1f} ms  {row['gflops']:7.0f} GFLOP/s  "
                   f"rel. L2 vs fp32 {row['relative_l2_vs_fp32']:.1e}")  # fmt: skip
+    elif args.target == "mllm-batch":
+        rows = batch_bench.bench_mllm_batch(args, summary)
+        batch_bench.print_batch_table(rows)
     elif args.target == "serve":
         rows = serve_bench.bench_serve(args)
         serve_bench.print_serve_table(rows)
