@@ -117,3 +117,7 @@ def send_final_error(pb_utils: Any, sender: Any, exc: BaseException) -> None:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # fmt: skip
     except Exception as lost:  # noqa: BLE001
         pb_utils.Logger.log_error(f"could not answer a request ({exc!r}): {lost!r}")
+        try:  # a flag-only final response still releases the request (e.g. a cancelled stream)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001, S110 - already closed: nothing is held
+            pass
