@@ -154,8 +154,11 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     baseline = {route: in_process_ms(pipeline, req, args.in_process_repeats)
                 for route, (req, _) in routes.items()}  # fmt: skip
     del pipeline
+    precision = args.precision if args.mllm_backend == "ort-genai" else "fp32"
     cfg = ServeConfig(engines=engines, http_port=free_port(), grpc_port=free_port(),
-                      metrics_port=free_port(), pipeline_config=asdict(config))  # fmt: skip
+                      metrics_port=free_port(), pipeline_config=asdict(config),
+                      mllm_backend=args.mllm_backend, mllm_precision=precision,
+                      mllm_slots=args.mllm_slots)  # fmt: skip
     results: dict[str, Any] = {"in_process_median_ms": baseline, "routes": {}}
     work = Path(tempfile.mkdtemp(prefix="conceptseg-perf-"))
     try:
@@ -173,7 +176,9 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["config"] = {"max_new_tokens": args.max_new_tokens, "preset": args.preset,
-                         "orchestrator_instances": cfg.orchestrator_instances}  # fmt: skip
+                         "orchestrator_instances": cfg.orchestrator_instances,
+                         "mllm_backend": cfg.mllm_backend or "hf", "mllm_slots": cfg.mllm_slots,
+                         "mllm_precision": cfg.mllm_precision}  # fmt: skip
     return results
 
 
@@ -201,6 +206,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="serve: MLLM tokens (reason)")
     parser.add_argument("--preset", default="test", help="serve: pipeline preset")
     parser.add_argument("--in-process-repeats", type=int, default=5, help="serve: in-process runs")
+    parser.add_argument("--mllm-backend", default="", help="serve: hf (default) or ort-genai")
+    parser.add_argument("--mllm-slots", type=int, default=0, help="serve: generations at once")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

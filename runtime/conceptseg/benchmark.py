@@ -42,6 +42,7 @@ TARGETS = {
     "request": "whole reasoning request: our pipeline vs the reference code's recipe",
     "sam3": "SAM 3 vision / heads / text: torch fp32, torch bf16 autocast, ONNX Runtime",
     "mllm": "MLLM prefill + decode: transformers bf16 vs the ort-genai export",
+    "batch": "the ort-genai MLLM's aggregate decode tokens/s over 1, 2, 4, 8 concurrent sequences",
     "serve": "the Triton server under perf_analyzer over a concurrency range",
     "attention": "one global ViT attention block, three ONNX forms",
     "gemm": "one prefill-shaped decoder GEMM: ONNX Runtime fp32/int4 vs torch fp32/bf16",

@@ -200,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg.api_key = config.api_key()  # CONCEPTSEG_API_KEY; empty: serve generates one
     cfg.mllm_backend, cfg.mllm_precision = args.mllm_backend, args.mllm_precision
     cfg.sam3_precision = args.sam3_precision
+    cfg.mllm_slots, cfg.mllm_queue = args.mllm_slots, args.mllm_queue
     cfg.mllm_path = Path(args.mllm_path) if args.mllm_path else None
     if args.tritonserver:
         cfg.tritonserver = Path(args.tritonserver)
@@ -310,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
     )
     p.add_argument("--mllm-path", default=None, help="MLLM directory (default: from ENGINES)")
+    p.add_argument("--mllm-slots", type=int, default=0,
+                   help="generations the MLLM runs at once (default: hf 1, ort-genai 4, "
+                   "trtllm 8)")  # fmt: skip
+    p.add_argument("--mllm-queue", type=int, default=8,
+                   help="generations waiting behind them; past that: UNAVAILABLE")  # fmt: skip
     p.add_argument(
         "--tritonserver",
         default=None,

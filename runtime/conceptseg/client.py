@@ -8,7 +8,8 @@
     response.mask  # bool (H, W); response.result: the result JSON (answer, bbox, timings_ms ...)
 
 A refused request raises :class:`ServerError` with Triton's status (``INVALID_ARG``: a bad
-request; the message names the field) and the server's message.
+request; the message names the field) and the server's message; ``UNAVAILABLE``
+(``ServerError.unavailable``): the server is at capacity or its queue is full, retry later.
 
 Streaming (gRPC only; the ``conceptseg_stream`` model): ``Client.segment_stream(..., on_text=f)``
 (and ``await AsyncClient.segment_stream(...)``) calls ``f`` with the reasoning text in deltas
@@ -30,6 +31,8 @@ from conceptseg.types import Box
 
 MODEL = "conceptseg"
 PROTOCOLS = ("http", "grpc")
+# UNAVAILABLE answers (the server's AtCapacity; Triton's queue full / queue timeout)
+BUSY_MESSAGES = ("at capacity", "Exceeds maximum queue size", "Request timeout expired")
 
 
 class ServerError(RuntimeError):
@@ -42,6 +45,16 @@ class ServerError(RuntimeError):
     @property
     def invalid_argument(self) -> bool:
         return self.status in ("400", "StatusCode.INVALID_ARGUMENT", "INVALID_ARG")
+
+    @property
+    def unavailable(self) -> bool:
+        """At capacity, queue full or queue timeout: nothing ran; retry later, with backoff."""
+        return self.status in ("503", "StatusCode.UNAVAILABLE", "UNAVAILABLE")
+
+    def __str__(self) -> str:
+        if self.unavailable:
+            return f"the server is busy, retry later ({self.status}): {self.message}"
+        return self.message
 
 
 def split_url(url: str, protocol: str | None = None) -> tuple[str, str]:
@@ -94,7 +107,10 @@ def _stream_status(exc: Exception) -> str:
     status = _status(exc)
     if status not in ("None", ""):
         return status  # the stream itself failed (e.g. StatusCode.UNAVAILABLE)
-    return "INTERNAL" if _message(exc).startswith("internal error:") else "INVALID_ARG"
+    message = _message(exc)
+    if any(m in message for m in BUSY_MESSAGES):
+        return "UNAVAILABLE"
+    return "INTERNAL" if message.startswith("internal error:") else "INVALID_ARG"
 
 
 def _message(exc: Exception) -> str:
@@ -112,8 +128,13 @@ def _request(
 
 
 def _infer_kwargs(client: Any, arrays: dict[str, np.ndarray], instance_masks: bool) -> dict:
-    """``infer`` arguments shared by the sync and asyncio clients (``client_timeout``: gRPC only)."""
-    kwargs = {"client_timeout": client.timeout_s} if client.protocol == "grpc" else {}
+    """``infer`` arguments shared by the sync and asyncio clients: gRPC's deadline
+    (``client_timeout``), HTTP's ``timeout`` parameter (µs; the server cancels the request then:
+    Triton 2.51 does not notice a dropped HTTP connection while the request runs)."""
+    if client.protocol == "grpc":
+        kwargs: dict[str, Any] = {"client_timeout": client.timeout_s}
+    else:
+        kwargs = {"timeout": int(client.timeout_s * 1e6)}
     return {
         "model_name": MODEL,
         "inputs": _inputs(client.module, arrays),

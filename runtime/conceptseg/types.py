@@ -29,6 +29,24 @@ class RequestError(ValueError):
         self.field, self.message = field_name, message
 
 
+class Cancelled(RuntimeError):
+    """The request's client went away (disconnect, deadline, cancelled stream): its work stopped.
+    The server answers CANCELLED; every message starts with :attr:`PREFIX`."""
+
+    PREFIX = "cancelled: "
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason if reason.startswith(self.PREFIX) else self.PREFIX + reason)
+
+
+class AtCapacity(RuntimeError):
+    """Every slot and queue place is taken: the request was refused at once, untouched. The
+    server answers UNAVAILABLE; retry later (with backoff) or against another replica. Every
+    message contains :attr:`MARK`."""
+
+    MARK = "at capacity"
+
+
 class UsageError(ValueError):
     """A command-line, file or environment mistake (not a request field): the CLI prints
     ``error: <argument>: <message>`` and exits 2."""

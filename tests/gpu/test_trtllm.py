@@ -149,3 +149,37 @@ def test_kv_block_reuse_saves_prefill(backend, monkeypatch, record_property):
     once, again = run(refs[::-1], other_target)[0], run(refs[::-1], other_target)[0]
     assert once.token_ids == again.token_ids
     np.testing.assert_allclose(once.hidden, again.hidden, rtol=0, atol=2e-2)
+
+
+@needs_gpu
+def test_eight_overlapping_requests_each_give_their_alone_tokens(backend):
+    """Issue 11: concurrent generate calls (the mllm model's scheduler, 8 slots) are batched in
+    flight by TensorRT-LLM; each request's tokens equal its tokens alone, a cancelled one ends."""
+    import threading
+
+    from conceptseg.serving.scheduler import Job, Scheduler
+    from conceptseg.types import Cancelled
+
+    msgs, images = _sample()
+    alone = backend.generate(msgs, images)
+    sched = Scheduler(backend, slots=8, queue=1)
+    results, done = {}, threading.Event()
+
+    def settle(i):
+        def on(value):
+            results[i] = value
+            if len(results) == 9:
+                done.set()
+
+        return on
+
+    for i in range(9):
+        sched.submit(Job(msgs, images, settle(i), settle(i), on_text=lambda d: None,
+                         request_id=f"r{i}"))  # fmt: skip
+    sched.cancel("r8")
+    assert done.wait(300)
+    sched.close()
+    assert isinstance(results[8], Cancelled)
+    for i in range(8):
+        assert results[i].token_ids == alone.token_ids, i
+        np.testing.assert_allclose(results[i].hidden, alone.hidden, rtol=0, atol=5e-2)

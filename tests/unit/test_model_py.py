@@ -1,15 +1,17 @@
 """Every triton_repo model.py, run without Triton: a MagicMock ``triton_python_backend_utils``
 with small tensor/response dataclasses. One response per request (decoupled models: interim
 responses, then exactly one final one); a bad request is INVALID_ARG, a failing one INTERNAL,
-and the rest of the batch still succeeds.
+a full server UNAVAILABLE, a cancelled one CANCELLED, and the rest of the batch still succeeds.
+The mllm and orchestrator models answer from their own threads: the tests wait for the finals.
 
 Run: .venv/bin/pytest tests/unit/test_model_py.py -q
 """
 
-import asyncio
 import importlib.util
 import json
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest.mock import MagicMock
@@ -20,7 +22,7 @@ import pytest
 from conceptseg.protocols import Generation
 from conceptseg.serving import glue, mllm, mllm_model, orchestrator
 from conceptseg.serving.bls import EngineError
-from conceptseg.types import RequestError
+from conceptseg.types import AtCapacity, Cancelled, RequestError
 
 REPO = Path(__file__).resolve().parents[2] / "triton_repo" / "conceptseg_triton"
 
@@ -42,7 +44,9 @@ class MockTritonError:
     message_: str
     code: int = 0
     INVALID_ARG = 3
+    UNAVAILABLE = 14
     INTERNAL = 13
+    CANCELLED = 1
 
     def message(self):
         return self.message_
@@ -66,10 +70,17 @@ FINAL = 1
 @dataclass
 class MockSender:
     sent: list = field(default_factory=list)  # (response, flags)
+    gone: threading.Event = field(default_factory=threading.Event)  # the client went away
 
     def send(self, response=None, flags=0):
         assert not any(f == FINAL for _, f in self.sent), "nothing may follow the final response"
         self.sent.append((response, flags))
+
+    def is_cancelled(self):
+        return self.gone.is_set()
+
+    def finished(self):
+        return any(f == FINAL for _, f in self.sent)
 
 
 @dataclass
@@ -79,6 +90,9 @@ class MockRequest:
 
     def get_response_sender(self):
         return self.sender
+
+    def timeout(self):
+        return 0
 
     def input(self, name):
         array = self.tensors.get(name)
@@ -118,8 +132,17 @@ def args(name, decoupled=False, **params):
     return {"model_config": json.dumps(config)}
 
 
+def wait_final(*requests, timeout=10):
+    """Until each request has its final response (sent from a model's own thread)."""
+    end = time.monotonic() + timeout
+    while not all(r.sender.finished() for r in requests):
+        assert time.monotonic() < end, "a request was never answered"
+        time.sleep(0.005)
+
+
 def streamed(request):
-    """(interim text deltas, the final response) a decoupled model sent for ``request``."""
+    """(interim text deltas, the final response) a model sent for ``request``."""
+    wait_final(request)
     sent = request.sender.sent
     assert [f for _, f in sent] == [0] * (len(sent) - 1) + [FINAL], "one final response, last"
     texts = [bytes(r.output("text").ravel()[0]).decode() for r, _ in sent[:-1]]
@@ -201,6 +224,7 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     bad = mllm.to_mllm_arrays([{"role": "user", "content": "boom"}], [])
     requests = [MockRequest(good), MockRequest(stream), MockRequest(bad)]
     assert model.execute(requests) is None, "decoupled: responses go through the senders"
+    assert model.scheduler.slots == 1, "hf: the one-at-a-time reference"
     texts, final = streamed(requests[0])
     assert texts == [] and final.error is None
     generation = mllm.generation_from_arrays({n: final.output(n) for n in mllm.MLLM_OUTPUTS})
@@ -211,6 +235,49 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     assert "".join(texts) == generation.text and final.output("token_ids").tolist() == [1, 2]
     texts, final = streamed(requests[2])
     assert texts == [] and final.error.code == MockTritonError.INTERNAL
+    model.finalize()
+
+
+class SlowMllm(FakeMllm):
+    """Streams a delta every 10 ms for 2 s unless its on_text raises (a cancel)."""
+
+    def generate(self, messages, images, on_text=None):
+        for _ in range(200):
+            time.sleep(0.01)
+            on_text("x")
+        return super().generate(messages, images)
+
+
+def test_mllm_model_capacity_and_cancel(pb_utils, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(mllm_model, "build_mllm", lambda params, config: SlowMllm())
+    model = load("mllm")
+    params = dict(mllm_backend="trtllm", mllm_path="/w", prefix_cache="4", pipeline_config="{}",
+                  max_generations="1", max_queued="1")  # fmt: skip
+    model.initialize(args("mllm", decoupled=True, **params))
+    good = mllm.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    by_id = MockRequest(dict(good, request_id=np.array([b"r1"], dtype=object)))
+    by_client = MockRequest(good)
+    full = MockRequest(good)
+    model.execute([by_id, by_client, full])
+    texts, final = streamed(full)
+    assert final.error.code == MockTritonError.UNAVAILABLE and "capacity" in final.error.message()
+    cancel = MockRequest({"cancel": np.array([b"r1"], dtype=object)})
+    start = time.monotonic()
+    model.execute([cancel])
+    by_client.sender.gone.set()
+    texts, final = streamed(cancel)
+    assert final is None, "a cancel's answer: an empty final response"
+    for request in (by_id, by_client):
+        texts, final = streamed(request)
+        assert final.error.code == MockTritonError.CANCELLED, final.error
+    assert time.monotonic() - start < 1.0, "cancelled at the next delta, not at the end"
+    missing = MockRequest({"stream": np.array([True])})
+    model.execute([missing])
+    texts, final = streamed(missing)
+    assert final.error.code == MockTritonError.INVALID_ARG and "messages" in final.error.message()
+    model.finalize()
 
 
 class GoneSender(MockSender):
@@ -231,8 +298,8 @@ def test_mllm_model_survives_a_request_it_cannot_answer(pb_utils, monkeypatch):
     gone = MockRequest(dict(good, stream=np.array([True])), sender=GoneSender())
     after = MockRequest(good)
     assert model.execute([gone, after]) is None
-    pb_utils.Logger.log_error.assert_called()  # the lost request is logged
     texts, final = streamed(after)
+    pb_utils.Logger.log_error.assert_called()  # the lost request is logged
     assert final.error is None and final.output("token_ids").tolist() == [1, 2]
 
 
@@ -261,11 +328,21 @@ def test_triton_mllm_reads_deltas_then_the_generation():
 
 
 class FakeOrchestrator:
-    def __init__(self, engines, bls, config, versions, workers):
-        self.bls, self.pool = bls, MagicMock()
+    def __init__(self, engines, bls, config, versions, max_requests, max_reasoning):
+        self.bls, self.closed = bls, False
+        self.limits = (max_requests, max_reasoning)
 
-    async def submit(self, arrays, on_text=None):
-        return self.handle(arrays, on_text)
+    def start(self, arrays, on_done, on_error, *, on_text=None, is_cancelled=None, timeout_s=0):
+        prompt = arrays["prompt"][0, 0]
+        if prompt == b"full":
+            raise AtCapacity("the server is at capacity (12 requests in flight): retry later")
+        threading.Thread(target=self._run, args=(arrays, on_done, on_error, on_text)).start()
+
+    def _run(self, arrays, on_done, on_error, on_text):
+        try:
+            on_done(self.handle(arrays, on_text))
+        except Exception as exc:  # noqa: BLE001
+            on_error(exc)
 
     def handle(self, arrays, on_text=None):
         prompt = arrays["prompt"][0, 0]
@@ -276,43 +353,59 @@ class FakeOrchestrator:
             on_text(prompt.decode())
         if prompt == b"boom":
             raise EngineError("ctm: model 'ctm' is not ready")
-        assert self.bls.loop is not None, "execute binds the running loop before the pipeline runs"
+        if prompt == b"gone":
+            raise Cancelled("the client went away")
+        assert self.bls.loop is not None and self.bls.loop.is_running(), "BLS needs its loop"
         return {
             "mask": np.array([[b"png"]], dtype=object),
             "result": np.array([[prompt]], dtype=object),
         }
+
+    def close(self):
+        self.closed = True
+
+
+ORCHESTRATOR_PARAMS = dict(engines="/e", profile="cpu", pipeline_config="{}", max_requests="12",
+                           max_reasoning="8")  # fmt: skip
 
 
 def test_orchestrator_one_response_per_request(pb_utils, monkeypatch):
     monkeypatch.setattr(orchestrator, "Orchestrator", FakeOrchestrator)
     monkeypatch.setattr(orchestrator, "serving_versions", lambda engines, params: {})
     model = load("conceptseg")
-    model.initialize(args("conceptseg", engines="/e", profile="cpu", pipeline_config="{}"))
-    requests = [
-        MockRequest({"prompt": np.array([[p]], dtype=object)}) for p in (b"bad", b"boom", b"mug")
-    ]
-    responses = asyncio.run(model.execute(requests))
-    assert len(responses) == 3
-    assert errors(responses)[:2] == [
+    model.initialize(args("conceptseg", **ORCHESTRATOR_PARAMS))
+    assert model.orchestrator.limits == (12, 8)
+    prompts = (b"bad", b"boom", b"full", b"gone", b"mug")
+    requests = [MockRequest({"prompt": np.array([[p]], dtype=object)}) for p in prompts]
+    assert model.execute(requests) is None, "answered from the orchestrator's threads"
+    wait_final(*requests)
+    for request in requests:
+        assert len(request.sender.sent) == 1, "default mode: exactly one response, final"
+    responses = [r.sender.sent[0][0] for r in requests]
+    assert errors(responses)[:4] == [
         (MockTritonError.INVALID_ARG, "prompt: empty; give the concept"),
         (MockTritonError.INTERNAL, "internal error: ctm: model 'ctm' is not ready"),
+        (
+            MockTritonError.UNAVAILABLE,
+            "the server is at capacity (12 requests in flight): retry later",
+        ),
+        (MockTritonError.CANCELLED, "cancelled: the client went away"),
     ]
-    assert responses[2].error is None and responses[2].output("result")[0, 0] == b"mug"
-    pb_utils.Logger.log_error.assert_called_once()
+    assert responses[4].error is None and responses[4].output("result")[0, 0] == b"mug"
+    pb_utils.Logger.log_error.assert_called_once()  # INTERNAL only
     model.finalize()
-    model.orchestrator.pool.shutdown.assert_called_once()
+    assert model.orchestrator.closed
 
 
 def test_streaming_orchestrator_sends_deltas_then_one_final_response(pb_utils, monkeypatch):
     monkeypatch.setattr(orchestrator, "Orchestrator", FakeOrchestrator)
     monkeypatch.setattr(orchestrator, "serving_versions", lambda engines, params: {})
     model = load("conceptseg")  # the same model.py serves conceptseg_stream
-    params = dict(engines="/e", profile="cpu", pipeline_config="{}")
-    model.initialize(args("conceptseg_stream", decoupled=True, **params))
+    model.initialize(args("conceptseg_stream", decoupled=True, **ORCHESTRATOR_PARAMS))
     requests = [
         MockRequest({"prompt": np.array([[p]], dtype=object)}) for p in (b"bad", b"boom", b"mug")
     ]
-    assert asyncio.run(model.execute(requests)) is None
+    assert model.execute(requests) is None
     texts, final = streamed(requests[0])
     assert texts == [] and final.error.code == MockTritonError.INVALID_ARG
     texts, final = streamed(requests[1])  # failed after streaming: the error is the final response

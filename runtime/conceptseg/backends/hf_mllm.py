@@ -1,5 +1,9 @@
 """The reference MLLM backend: transformers' Qwen2.5-VL, greedy decoding with a KV cache.
 
+The exact one-at-a-time reference: one generation at a time, never batched (the ``mllm``
+model's scheduler gives it one slot; ort-genai and trtllm batch concurrent requests and are
+checked against it).
+
 Differences from the reference code, all on purpose:
 - the CTM's keys are captured while decoding: every generated token is fed back through the
   model once (the stop token too, one extra step), and the final-norm state at that position is

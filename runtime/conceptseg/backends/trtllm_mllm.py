@@ -48,7 +48,7 @@ from conceptseg import gpu_stack
 from conceptseg.models import qwen
 from conceptseg.models.qwen_torch import rule_logits
 from conceptseg.protocols import Generation
-from conceptseg.textstream import OnText
+from conceptseg.textstream import OnText, TextStream, tokenizer_stream
 from conceptseg.types import RequestError
 
 TRTLLM_PIN = gpu_stack.load()["tensorrt_llm"]  # the deployment container's (gpu_stack.toml)
@@ -289,9 +289,10 @@ class TrtllmMllm:
         images: list[Image.Image],
         on_text: OnText | None = None,
     ) -> Generation:
-        """Greedy completion. ``on_text`` gets the whole text once generation ends: this backend
-        does not stream yet (the LLM API's ``generate_async(streaming=True)`` would; untested
-        without a GPU, so not wired)."""
+        """Greedy completion; ``on_text`` receives the text in deltas while decoding. Thread
+        safe: the ``mllm`` model's scheduler calls it from one thread per slot, and each call is
+        one ``LLM.generate_async`` request, so TensorRT-LLM batches them in flight (each with its
+        own logits processor and hidden-state output; KV block reuse stays on)."""
         text = qwen.chat_text(self.processor, messages)
         prompt_ids = qwen.chat_inputs(self.processor, messages, images)["input_ids"][0]
         prompt_ids = [int(i) for i in prompt_ids]
@@ -302,8 +303,8 @@ class TrtllmMllm:
             )
         t0 = time.perf_counter()
         request = {"prompt": text, "multi_modal_data": {"image": list(images)}}
-        result = self.llm.generate(request, self._sampling(prompt_ids, budget), use_tqdm=False)
-        result = result[0] if isinstance(result, list) else result
+        stream = tokenizer_stream(self.processor.tokenizer, on_text)
+        result = self._complete(request, self._sampling(prompt_ids, budget), stream)
         total_ms = (time.perf_counter() - t0) * 1e3
         if len(result.prompt_token_ids) != len(prompt_ids):
             raise RuntimeError(
@@ -319,10 +320,30 @@ class TrtllmMllm:
             self.stop_ids,
         )
         text_out = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        if on_text is not None and text_out:
-            on_text(text_out)
+        if stream is not None:
+            stream.finish(text_out)
         # the LLM API reports no prefill/decode split here: the total goes to decode_ms
         return Generation(text_out, tokens, hidden, len(prompt_ids), stopped, 0.0, total_ms)
+
+    def _complete(self, request: dict[str, Any], sampling: Any, stream: TextStream | None) -> Any:
+        """One ``generate_async`` request to the end; streaming into ``stream`` (the sentinel
+        skipped) when there is one. An exception from its callback (the scheduler's
+        ``Cancelled``) aborts the request, so TensorRT-LLM frees its slot and KV blocks."""
+        future = self.llm.generate_async(request, sampling, streaming=stream is not None)
+        if stream is None:
+            return future.result()
+        fed = 0
+        try:
+            for partial in future:  # one RequestOutput per iteration, token_ids so far
+                ids = list(partial.outputs[0].token_ids)
+                for token in ids[fed:]:
+                    if token != SENTINEL:
+                        stream.push(int(token))
+                fed = len(ids)
+        except BaseException:
+            future.abort()
+            raise
+        return future.result()
 
 
 def trtllm_mllm(

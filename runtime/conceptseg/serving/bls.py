@@ -3,22 +3,52 @@
 ``Pipeline.run`` is synchronous, so each request runs in a worker thread of the orchestrator's
 own pool; each BLS call is scheduled on the model's event loop. (``async_exec`` itself runs in the
 loop's default executor, so the pipeline threads must not: with every default worker waiting on a
-BLS call, none would be left to make it.)
+BLS call, none would be left to make it.) :func:`background_loop` is such a loop on its own
+thread, for a model whose ``execute`` returns before its requests are answered.
+
+An engine's error answer raises :class:`EngineError`; CANCELLED and UNAVAILABLE ones raise
+:class:`~conceptseg.types.Cancelled` and :class:`~conceptseg.types.AtCapacity`, so the
+orchestrator's answer keeps the engine's code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from conceptseg.types import AtCapacity, Cancelled
+
 
 class EngineError(RuntimeError):
     """An engine model answered a BLS call with an error (the request fails as INTERNAL)."""
+
+
+def background_loop(executor_threads: int = 64) -> asyncio.AbstractEventLoop:
+    """A running event loop on a daemon thread; its default executor (where ``async_exec``
+    waits for each call) has ``executor_threads`` threads, one per BLS call in flight."""
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(executor_threads, thread_name_prefix="bls"))
+    threading.Thread(target=loop.run_forever, name="bls-loop", daemon=True).start()
+    return loop
+
+
+def engine_error(pb_utils: Any, model: str, error: Any) -> Exception:
+    """The exception for ``model``'s error answer, by its code (see the module docstring)."""
+    code = error.code() if callable(getattr(error, "code", None)) else getattr(error, "code", None)
+    text = error.message()
+    message = f"{model}: {text}"
+    # a BLS response's error does not always keep its code in 2.51: the messages say it too
+    if code == pb_utils.TritonError.CANCELLED or text.startswith(Cancelled.PREFIX):
+        return Cancelled(f"{text.removeprefix(Cancelled.PREFIX)} ({model})")
+    if code == pb_utils.TritonError.UNAVAILABLE or AtCapacity.MARK in text:
+        return AtCapacity(message)
+    return EngineError(message)
 
 
 class Bls:
@@ -40,7 +70,7 @@ class Bls:
     ) -> dict[str, np.ndarray]:
         response = await self._request(model, inputs, outputs).async_exec()
         if response.has_error():
-            raise EngineError(f"{model}: {response.error().message()}")
+            raise engine_error(self.pb_utils, model, response.error())
         return {n: self.pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
 
     def submit(
@@ -72,7 +102,7 @@ class Bls:
         )
         for response in opened.result():
             if response.has_error():
-                raise EngineError(f"{model}: {response.error().message()}")
+                raise engine_error(self.pb_utils, model, response.error())
             tensors = response.output_tensors()
             if tensors:
                 yield {t.name(): t.as_numpy() for t in tensors}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg.config import PipelineConfig
-from conceptseg.types import RequestError
+from conceptseg.types import AtCapacity, Cancelled, RequestError
 
 MAX_BOXES = 64  # prompt boxes per SAM 3 call: the pipeline sends at most a few
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # object reprs: no addresses to clients
@@ -51,11 +51,20 @@ def to_response(pb_utils: Any, arrays: dict[str, np.ndarray]) -> Any:
     )
 
 
+def error_code(pb_utils: Any, exc: BaseException) -> Any:
+    """The ``TritonError`` code for ``exc``: INVALID_ARG (:class:`RequestError`), CANCELLED
+    (:class:`Cancelled`), UNAVAILABLE (:class:`AtCapacity`), else INTERNAL."""
+    codes = {RequestError: "INVALID_ARG", Cancelled: "CANCELLED", AtCapacity: "UNAVAILABLE"}
+    name = next((n for t, n in codes.items() if isinstance(exc, t)), "INTERNAL")
+    return getattr(pb_utils.TritonError, name)
+
+
 def error_response(pb_utils: Any, exc: BaseException, logger: Any = None) -> Any:
-    """INVALID_ARG for a :class:`RequestError`, INTERNAL (and a log line) for anything else."""
-    if isinstance(exc, RequestError):
+    """INVALID_ARG / CANCELLED / UNAVAILABLE for the typed errors (:func:`error_code`),
+    INTERNAL (and a log line) for anything else."""
+    if isinstance(exc, RequestError | Cancelled | AtCapacity):
         return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+            error=pb_utils.TritonError(str(exc), error_code(pb_utils, exc))
         )
     if logger is not None:
         logger.log_error(f"request failed: {type(exc).__name__}: {exc}")
@@ -161,3 +170,7 @@ def send_final_error(pb_utils: Any, sender: Any, exc: BaseException) -> None:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # fmt: skip
     except Exception as lost:  # noqa: BLE001
         pb_utils.Logger.log_error(f"could not answer a request ({exc!r}): {lost!r}")
+        try:  # a flag-only final response still releases the request (e.g. a cancelled stream)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001, S110 - already closed: nothing is held
+            pass

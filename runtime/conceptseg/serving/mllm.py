@@ -77,7 +77,9 @@ def text_of(arrays: dict[str, np.ndarray]) -> str:
 
 class TritonMllm:
     """:class:`MLLMBackend` calling the (decoupled) ``mllm`` model: with ``on_text`` it asks for
-    the text deltas as interim responses; the final response holds the whole generation."""
+    the text deltas as interim responses; the final response holds the whole generation.
+    ``request_id`` names the generation for :meth:`cancel` (a BLS call cannot be cancelled in
+    Triton 2.51, so the cancel is a request of its own)."""
 
     def __init__(self, bls: Bls, model: str = "mllm") -> None:
         self.bls, self.model = bls, model
@@ -87,9 +89,12 @@ class TritonMllm:
         messages: list[dict[str, Any]],
         images: list[Image.Image],
         on_text: OnText | None = None,
+        request_id: str = "",
     ) -> Generation:
         inputs = to_mllm_arrays(messages, images)
         inputs["stream"] = np.array([on_text is not None], np.bool_)
+        if request_id:
+            inputs["request_id"] = np.array([request_id.encode()], dtype=np.object_)
         final = None
         for arrays in self.bls.stream(self.model, inputs, MLLM_OUTPUTS):
             if "token_ids" in arrays:
@@ -99,3 +104,9 @@ class TritonMllm:
         if final is None:
             raise EngineError(f"{self.model}: the response stream ended without the generation")
         return generation_from_arrays(final)
+
+    def cancel(self, request_id: str) -> None:
+        """End the generation ``request_id`` at its next step (it answers CANCELLED)."""
+        inputs = {"cancel": np.array([request_id.encode()], dtype=np.object_)}
+        for _ in self.bls.stream(self.model, inputs, ()):
+            pass

@@ -3,14 +3,30 @@
 Each request runs in a worker thread of the orchestrator's pool (the pipeline is synchronous);
 its SAM 3, MLLM and CTM calls are BLS calls (``serving.bls``). Imports neither torch nor
 transformers: the stub holds numpy, PIL and tokenizers only.
+
+Capacity (per orchestrator instance): ``max_requests`` requests at once, each with its own
+thread from the moment it is admitted (no queue inside; past that :class:`AtCapacity`, which the
+model answers UNAVAILABLE). At most ``max_reasoning`` of them may be in the MLLM step, so
+``max_requests - max_reasoning`` threads are always left for router probes and fast paths:
+reasoning requests cannot hold every thread (no head-of-line blocking). A request reaching the
+MLLM step with ``max_reasoning`` there already gets UNAVAILABLE too.
+
+Cancellation: a watcher thread polls each request's ``is_cancelled`` (gRPC: client gone,
+deadline passed, stream cancelled) and its ``timeout`` parameter's deadline (HTTP: Triton 2.51
+does not notice a dropped connection while the request runs, so HTTP clients send a timeout). The pipeline checks it between steps; while the request waits on the
+MLLM, the watcher sends the ``mllm`` model a cancel for it (a BLS call cannot be cancelled in
+Triton 2.51), so the generation stops at its next step and frees its slot; the request ends
+with :class:`Cancelled` (CANCELLED).
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +36,88 @@ from conceptseg import contract
 from conceptseg.config import PipelineConfig
 from conceptseg.models.engines import EngineCtm, read_manifest
 from conceptseg.pipeline import Pipeline
-from conceptseg.protocols import SegOutput
+from conceptseg.protocols import Generation, SegOutput
 from conceptseg.serving.bls import Bls, BlsGraph
 from conceptseg.serving.mllm import TritonMllm
 from conceptseg.serving.sam3 import PendingImage, TritonSam3
 from conceptseg.textstream import OnText
-from conceptseg.types import Result
+from conceptseg.types import AtCapacity, Cancelled, Result
 from conceptseg.versions import versions
+
+Arrays = dict[str, np.ndarray]
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request's cancellation state (``mllm_id``: its generation, while it runs;
+    ``deadline``: ``time.monotonic()`` past which the client has given up, from the request's
+    ``timeout`` parameter)."""
+
+    is_cancelled: Callable[[], bool] = _never
+    deadline: float | None = None
+    cancelled: bool = False
+    mllm_id: str = ""
+
+    def poll(self) -> bool:
+        if not self.cancelled and self.deadline is not None:
+            self.cancelled = time.monotonic() > self.deadline
+        if not self.cancelled:
+            try:
+                self.cancelled = bool(self.is_cancelled())
+            except Exception:  # noqa: BLE001 - a request Triton already released counts as gone
+                self.cancelled = True
+        return self.cancelled
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` when the client is gone (called between pipeline steps)."""
+        if self.poll():
+            raise Cancelled("the client went away (disconnected, deadline passed or cancelled)")
 
 
 class _RequestSeg:
     """One request's view of the shared :class:`TritonSam3`: keeps its pending image call."""
 
-    def __init__(self, sam3: TritonSam3) -> None:
-        self.sam3 = sam3
+    def __init__(self, sam3: TritonSam3, ticket: Ticket) -> None:
+        self.sam3, self.ticket = sam3, ticket
         self.pending: PendingImage | None = None
 
     def encode_image(self, image: Any) -> PendingImage:
+        self.ticket.check()
         pending = self.sam3.encode_image(image)
         self.pending = pending
         return pending
 
     def segment(self, features: PendingImage, text: str, concept: Any = None,
                 instances: bool = False) -> SegOutput:  # fmt: skip
+        self.ticket.check()
         return self.sam3.segment(features, text, concept, instances)
+
+
+class _RequestMllm:
+    """One request's MLLM step: a reasoning slot, an id the watcher can cancel by."""
+
+    def __init__(self, owner: Orchestrator, ticket: Ticket) -> None:
+        self.owner, self.ticket = owner, ticket
+
+    def generate(self, messages: Any, images: Any, on_text: OnText | None = None) -> Generation:
+        self.ticket.check()
+        if not self.owner.reasoning.acquire(blocking=False):
+            raise AtCapacity(
+                f"the server is at capacity ({self.owner.max_reasoning} reasoning requests in "
+                "flight): retry later, with backoff"
+            )
+        try:
+            self.ticket.mllm_id = uuid.uuid4().hex
+            gen = self.owner.mllm.generate(messages, images, on_text, self.ticket.mllm_id)
+        finally:
+            self.ticket.mllm_id = ""
+            self.owner.reasoning.release()
+        self.ticket.check()
+        return gen
 
 
 def serving_versions(engines: Path, params: dict[str, str]) -> dict[str, Any]:
@@ -55,7 +129,7 @@ def serving_versions(engines: Path, params: dict[str, str]) -> dict[str, Any]:
 
 
 class Orchestrator:
-    """``run(request, options)``: the in-process pipeline over the engine models."""
+    """``start(arrays, ...)``: the in-process pipeline over the engine models (see module)."""
 
     def __init__(
         self,
@@ -63,41 +137,114 @@ class Orchestrator:
         bls: Bls,
         config: PipelineConfig,
         versions: dict[str, Any],
-        workers: int = 8,
+        *,
+        max_requests: int = 12,
+        max_reasoning: int = 8,
+        poll_s: float = 0.05,
     ) -> None:
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="conceptseg-request")
+        assert 1 <= max_reasoning < max_requests, (
+            f"max_reasoning={max_reasoning} must leave threads for fast requests "
+            f"(max_requests={max_requests})"
+        )
+        self.max_requests, self.max_reasoning = max_requests, max_reasoning
+        self.pool = ThreadPoolExecutor(max_requests, thread_name_prefix="conceptseg-request")
+        self.reasoning = threading.BoundedSemaphore(max_reasoning)
+        self.live: set[Ticket] = set()
+        self.lock = threading.Lock()
         self.sam3 = TritonSam3(engines, bls)
         self.mllm = TritonMllm(bls)
         self.ctm = EngineCtm(engines, BlsGraph(bls, "ctm", ("concept",)))
         self.config, self.versions = config, versions
+        self.closed = threading.Event()
+        self.poll_s = poll_s
+        self.watcher = threading.Thread(target=self._watch, name="conceptseg-cancel", daemon=True)
+        self.watcher.start()
 
-    def run(self, request: Any, options: contract.Options, on_text: OnText | None = None) -> Result:
+    def run(
+        self,
+        request: Any,
+        options: contract.Options,
+        on_text: OnText | None = None,
+        ticket: Ticket | None = None,
+    ) -> Result:
+        ticket = ticket or Ticket()
         config = replace(self.config, router=self.config.router and options.router)
         threshold = options.instance_threshold if options.instance_masks else None
-        seg = _RequestSeg(self.sam3)
-        result = Pipeline(seg, self.mllm, self.ctm, config, self.versions).run(
-            request, on_text, instances=threshold
-        )
+        seg = _RequestSeg(self.sam3, ticket)
+
+        def ctm(hidden: np.ndarray) -> np.ndarray:
+            ticket.check()
+            return self.ctm(hidden)
+
+        pipeline = Pipeline(seg, _RequestMllm(self, ticket), ctm, config, self.versions)
+        result = pipeline.run(request, on_text, instances=threshold)
         if seg.pending is not None:
             # the pipeline's "sam3_image" only submits the call: report the engine call's own time
             result.timings_ms["sam3_vision"] = seg.pending.elapsed_ms
         return result
 
-    async def submit(
-        self, arrays: dict[str, np.ndarray], on_text: OnText | None = None
-    ) -> dict[str, np.ndarray]:
-        """:meth:`handle` in a worker thread of this orchestrator's pool."""
-        return await asyncio.wrap_future(self.pool.submit(self.handle, arrays, on_text))
+    def start(
+        self,
+        arrays: Arrays,
+        on_done: Callable[[Arrays], None],
+        on_error: Callable[[BaseException], None],
+        *,
+        on_text: OnText | None = None,
+        is_cancelled: Callable[[], bool] = _never,
+        timeout_s: float = 0.0,
+    ) -> None:
+        """Admit a request and run it on its own pool thread (``on_done`` gets the response
+        tensors, ``on_error`` the failure), or raise :class:`AtCapacity` at once. ``timeout_s``
+        (> 0): the client gives up after it, so the request is cancelled then."""
+        deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+        ticket = Ticket(is_cancelled, deadline)
+        with self.lock:
+            if len(self.live) >= self.max_requests:
+                raise AtCapacity(
+                    f"the server is at capacity ({self.max_requests} requests in flight): "
+                    "retry later, with backoff"
+                )
+            self.live.add(ticket)
+        self.pool.submit(self._serve, arrays, ticket, on_done, on_error, on_text)
 
-    def handle(
-        self, arrays: dict[str, np.ndarray], on_text: OnText | None = None
-    ) -> dict[str, np.ndarray]:
+    def _serve(self, arrays: Arrays, ticket: Ticket, on_done: Callable[[Arrays], None],
+               on_error: Callable[[BaseException], None], on_text: OnText | None) -> None:  # fmt: skip
+        try:
+            out = self.handle(arrays, on_text, ticket)
+        except Exception as exc:  # noqa: BLE001 - one request fails, the others go on
+            on_error(exc)
+        else:
+            on_done(out)
+        finally:
+            with self.lock:
+                self.live.discard(ticket)
+
+    def _watch(self) -> None:
+        """Poll the live requests; cancel the generation of one whose client is gone."""
+        while not self.closed.wait(self.poll_s):
+            with self.lock:
+                tickets = list(self.live)
+            for ticket in tickets:
+                mllm_id = ticket.mllm_id
+                if mllm_id and ticket.poll():
+                    try:
+                        self.mllm.cancel(mllm_id)
+                    except Exception:  # noqa: BLE001 - it ends by itself at its budget then
+                        pass
+                    ticket.mllm_id = ""  # once
+
+    def close(self) -> None:
+        self.closed.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def handle(self, arrays: Arrays, on_text: OnText | None = None,
+               ticket: Ticket | None = None) -> Arrays:  # fmt: skip
         """Request tensors -> response tensors (RequestError for a bad request); ``on_text``
         receives the reasoning text in deltas while the MLLM generates."""
         start = time.perf_counter()
         request, options = contract.from_request_arrays(arrays, self.config)
         decoded = time.perf_counter()
-        result = self.run(request, options, on_text)
+        result = self.run(request, options, on_text, ticket)
         result.timings_ms["request_decode"] = (decoded - start) * 1e3
         result.timings_ms["total"] = (time.perf_counter() - start) * 1e3
         return contract.to_response_arrays(result, options)

@@ -93,6 +93,16 @@ class RepoOptions:
     mllm_path: Path | None = None  # default: manifest "mllm" (hf), ENGINES/mllm/<precision>
     # (ort-genai), the one ENGINES/trtllm-* checkpoint (trtllm)
     prefix_cache: int = 4  # hf: KV of the last N reference mosaics reused
+    # concurrency (README "Serving"): generations the mllm model runs at once (0: its backend's
+    # default, serving.mllm_model.DEFAULT_SLOTS; hf: always 1) and how many wait behind them
+    mllm_slots: int = 0
+    mllm_queue: int = 8
+    # per orchestrator instance: requests in flight, of which at most max_reasoning in the MLLM
+    # step (the rest serve router probes and fast paths); Triton's queue in front of them
+    max_requests: int = 12
+    max_reasoning: int = 8
+    max_queue_size: int = 64
+    queue_timeout_us: int = 30_000_000
     sam3_precision: str = "fp32"  # cpu: "int8" -> the sam3_vision model runs sam3_vision.int8.onnx
 
 
@@ -259,6 +269,10 @@ def model_values(
         "max_batch_size": opts.max_batch_size,
         "queue_delay_us": opts.queue_delay_us,
         "instances": opts.orchestrator_instances,
+        "max_requests": opts.max_requests,
+        "max_reasoning": opts.max_reasoning,
+        "max_queue_size": opts.max_queue_size,
+        "queue_timeout_us": opts.queue_timeout_us,
         "engines": pbtxt_string(str(engines)),
         "profile": profile,
         "pipeline_config": config,
@@ -275,6 +289,8 @@ def model_values(
                 "mllm_path": pbtxt_string(str(mllm_path)),
                 "mllm_precision": opts.mllm_precision,
                 "prefix_cache": opts.prefix_cache,
+                "max_generations": opts.mllm_slots,
+                "max_queued": opts.mllm_queue,
                 "pipeline_config": config,
             },
         ),

@@ -190,6 +190,8 @@ class ServeConfig:
     mllm_precision: str = "fp32"  # ort-genai
     sam3_precision: str = "fp32"  # cpu: "int8" serves sam3_vision.int8.onnx as sam3_vision
     mllm_path: Path | None = None  # default: from the engines directory (serving.repository)
+    mllm_slots: int = 0  # generations the MLLM runs at once (0: its backend's default; hf: 1)
+    mllm_queue: int = 8  # generations waiting behind them; past that UNAVAILABLE
     # another Triton build (gpu: with the tensorrt backend), used as it is: both or neither
     tritonserver: Path | None = None
     backend_dir: Path | None = None
@@ -318,6 +320,8 @@ class Server:
             mllm_precision=cfg.mllm_precision,
             mllm_path=cfg.mllm_path,
             sam3_precision=cfg.sam3_precision,
+            mllm_slots=cfg.mllm_slots,
+            mllm_queue=cfg.mllm_queue,
         )
         try:
             repo = build_repository(cfg.profile, engines, self.workdir / "repo", opts, plans)

@@ -1,0 +1,138 @@
+"""Batch invariance of the ort-genai backend's concurrent decoding (``open``/``step``), on the
+tiny checkpoint with its decoder matrices scaled x8 (tokens vary, as in test_ortgenai_mllm.py).
+
+Every request decoded in a batch that others join and leave mid-way gives the tokens it gives
+alone, and states within 1e-4 (fp32) of alone; alone equals ``generate`` exactly. Also through
+the scheduler, with one request cancelled mid-way.
+Run: .venv/bin/pytest tests/models/test_ortgenai_batch.py -q
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conceptseg.prompt import messages
+from conceptseg.serving.scheduler import Job, Scheduler
+from conceptseg.types import Cancelled
+
+og = pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai==0.18.0")
+
+from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm  # noqa: E402
+from conceptseg_export.mllm_export import export_mllm, sample_inputs  # noqa: E402
+
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def mllm(tiny_weights, tmp_path_factory):
+    weights = tmp_path_factory.mktemp("lively-batch") / "mllm"
+    shutil.copytree(tiny_weights / "mllm", weights)
+    tensors = load_file(weights / "model.safetensors")
+    scaled = {k: v * 8 if k.startswith("model.layers.") and v.ndim == 2 else v
+              for k, v in tensors.items()}  # fmt: skip
+    save_file(scaled, weights / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path_factory.mktemp("engines-batch")
+    export_mllm(weights, out, ("fp32",), verify_tokens=0)
+    return OrtGenaiMllm(out / "mllm" / "fp32", max_new_tokens=TOKENS, threads=2)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three prompts of different lengths: the sample (mosaic + target), another question on the
+    same images, and the target alone."""
+    msgs, images = sample_inputs()
+    question = "Which object is the same kind of thing as the reference? Answer briefly."
+    return [
+        (msgs, images),
+        (_requestion(msgs, question), images),
+        (messages("the red one", None), images[1:]),
+    ]
+
+
+def _requestion(msgs, question):
+    swapped = [dict(m) for m in msgs]
+    last = swapped[-1]
+    last["content"] = [
+        {**part, "text": question} if part.get("type") == "text" else part
+        for part in last["content"]
+    ]
+    return swapped
+
+
+def _alone(mllm, msgs, images):
+    seq = mllm.open(msgs, images)
+    while not seq.done:
+        mllm.step([seq])
+    gen = mllm.finish(seq)
+    mllm.release(seq)
+    return gen
+
+
+@pytest.fixture(scope="module")
+def alone(mllm, prompts):
+    return [_alone(mllm, *p) for p in prompts]
+
+
+def test_alone_equals_generate_and_tokens_vary(mllm, prompts, alone):
+    for (msgs, images), gen in zip(prompts, alone, strict=True):
+        ref = mllm.generate(msgs, images)
+        assert gen.token_ids == ref.token_ids
+        np.testing.assert_array_equal(gen.hidden, ref.hidden)
+        assert gen.text == ref.text and gen.prompt_tokens == ref.prompt_tokens
+    assert len(set(alone[0].token_ids)) >= 6, "the lively checkpoint must not echo one token"
+    assert len({g.prompt_tokens for g in alone}) == 3, "the prompts must differ in length"
+    assert alone[0].token_ids != alone[2].token_ids
+
+
+def test_staggered_batch_gives_each_its_alone_tokens_and_states(mllm, prompts, alone):
+    seqs = [mllm.open(*prompts[0])]
+    for _ in range(3):
+        mllm.step(seqs)
+    seqs.append(mllm.open(*prompts[1]))  # joins a running batch
+    mllm.step(seqs)
+    seqs.append(mllm.open(*prompts[2]))
+    quitter = mllm.open(*prompts[0])  # joins, then leaves mid-way (as a cancelled request)
+    seqs.append(quitter)
+    for _ in range(2):
+        mllm.step(seqs)
+    mllm.release(quitter)
+    seqs.remove(quitter)
+    while any(not s.done for s in seqs):
+        mllm.step(seqs)  # finished rows stay, skipped (done), until all are
+    for seq, ref in zip(seqs, alone, strict=True):
+        gen = mllm.finish(seq)
+        assert gen.token_ids == ref.token_ids
+        np.testing.assert_allclose(gen.hidden, ref.hidden, rtol=0, atol=1e-4)
+        mllm.release(seq)
+
+
+def test_scheduler_eight_overlapping_requests_and_a_cancel(mllm, prompts, alone):
+    sched = Scheduler(mllm, slots=4, queue=8)
+    results: dict[int, object] = {}
+    done = threading.Event()
+
+    def settle(i):
+        def on(value):
+            results[i] = value
+            if len(results) == 8:
+                done.set()
+
+        return on
+
+    for i in range(8):
+        msgs, images = prompts[i % 3]
+        sched.submit(Job(msgs, images, settle(i), settle(i), request_id=f"r{i}"))
+    assert sched.cancel("r7")
+    assert done.wait(120), f"answered: {sorted(results)}"
+    sched.close()
+    assert isinstance(results[7], Cancelled)
+    for i in range(7):
+        ref = alone[i % 3]
+        assert results[i].token_ids == ref.token_ids, i
+        np.testing.assert_allclose(results[i].hidden, ref.hidden, rtol=0, atol=1e-4)
+    assert sched.peak == 4
