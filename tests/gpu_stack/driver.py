@@ -11,12 +11,12 @@ Run: see tests/gpu_stack/test_container_env.py (it makes WORK and calls this).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -59,8 +59,22 @@ class Request:
     def send(self, response=None, flags=0):
         self.sent.append((response, flags))
 
+    def is_cancelled(self):
+        return False
+
+    def timeout(self):
+        return 0  # µs; 0: no deadline
+
+    def wait_final(self, seconds: float = 60.0) -> None:
+        """The models answer from their own threads: wait for the final response."""
+        deadline = time.monotonic() + seconds
+        while not (self.sent and self.sent[-1][1] == 1):
+            assert time.monotonic() < deadline, f"no final response in {seconds} s: {self.sent}"
+            time.sleep(0.01)
+
 
 def final_arrays(request: Request) -> dict:
+    request.wait_final()
     response, flags = request.sent[-1]
     assert flags == 1, f"last response not final: {request.sent}"
     assert not response.has_error(), response.error().message()
@@ -165,14 +179,13 @@ def run_orchestrator(work: Path) -> None:
     pb.ROUTES.update(engine_routes(work))
     model = load_model("conceptseg")
     model.initialize(args("conceptseg", False, engines=str(engines), profile="gpu",
-                          pipeline_config="{}"))  # fmt: skip
+                          pipeline_config="{}", max_requests="4", max_reasoning="2"))  # fmt: skip
     image = Image.new("RGB", (800, 400), "white")
     refs = [(Image.new("RGB", (300, 200), "red"), (0.0, 0.0, 150.0, 100.0))]
     # five words: the router threshold is over 1, so the probe cannot accept and the MLLM runs
     request = Request(contract.to_request_arrays(image, "the mug on the left", refs))
-    responses = asyncio.run(model.execute([request]))
-    assert len(responses) == 1 and not responses[0].has_error(), responses[0].error().message()
-    arrays = {t.name(): t.as_numpy() for t in responses[0].output_tensors()}
+    assert model.execute([request]) is None  # answered through the request's sender
+    arrays = final_arrays(request)
     result = json.loads(bytes(arrays["result"].ravel()[0]))
     from PIL import Image as PILImage
 

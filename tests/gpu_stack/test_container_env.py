@@ -97,7 +97,10 @@ def _installed_copy(stack_python: Path, dst: Path) -> Path:
 def test_the_check_fails_when_the_orchestrator_imports_torch(stack_python, work, tmp_path):
     package = _installed_copy(stack_python, tmp_path)
     module = package / "serving" / "orchestrator.py"
-    module.write_text(module.read_text().replace("import asyncio\n", "import asyncio\n\nimport torch\n", 1))
+    source = module.read_text()
+    anchor = "from __future__ import annotations\n"
+    assert anchor in source, "the injection point moved"
+    module.write_text(source.replace(anchor, anchor + "\nimport torch\n", 1))
     (work / "mllm.npz").exists() or drive(stack_python, "mllm", work)
     run = drive(stack_python, "orchestrator", work, PYTHONPATH=str(tmp_path))
     assert run.returncode != 0 and "No module named 'torch'" in run.stderr, run.stderr[-2000:]

@@ -33,7 +33,9 @@ class Tensor:
 class TritonError:
     message_: str
     code_: int = 13
+    UNAVAILABLE = 2  # the TRITONSERVER_Error codes of the Python backend's TritonError
     INVALID_ARG = 3
+    CANCELLED = 11
     INTERNAL = 13
 
     def __init__(self, message, code=13):

@@ -57,5 +57,26 @@ class LLM:
                                  additional_generation_outputs={sampling.additional_model_outputs[0].name: states})  # fmt: skip
         return [SimpleNamespace(prompt_token_ids=[int(i) for i in prompt], outputs=[output])]
 
+    def generate_async(self, request, sampling, streaming=False):
+        """A finished request (the LLM API's RequestOutput future): ``result()``, and iterating
+        it gives one partial output per token when streaming."""
+        return _Finished(self.generate(request, sampling)[0], streaming)
+
     def shutdown(self):
+        pass
+
+
+class _Finished:
+    def __init__(self, output, streaming):
+        self.output, self.streaming = output, streaming
+
+    def result(self):
+        return self.output
+
+    def __iter__(self):
+        ids = self.output.outputs[0].token_ids
+        for n in range(1, len(ids) + 1) if self.streaming else ():
+            yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids[:n])])
+
+    def abort(self):
         pass
