@@ -219,7 +219,7 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     model = load("mllm")
     params = dict(mllm_backend="hf", mllm_path="/w", prefix_cache="4", pipeline_config="{}")
     model.initialize(args("mllm", decoupled=True, **params))
-    good = mllm.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    good = mllm.to_mllm_arrays([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], [Image.new("RGB", (6, 4))])
     stream = dict(good, stream=np.array([True]))
     bad = mllm.to_mllm_arrays([{"role": "user", "content": "boom"}], [])
     requests = [MockRequest(good), MockRequest(stream), MockRequest(bad)]
@@ -230,7 +230,8 @@ def test_mllm_model_round_trip(pb_utils, monkeypatch):
     generation = mllm.generation_from_arrays({n: final.output(n) for n in mllm.MLLM_OUTPUTS})
     assert generation.text == "<answer>mug</answer>" and generation.token_ids == [1, 2]
     assert generation.hidden.shape == (2, 4) and generation.stopped and generation.decode_ms == 2.5
-    assert fake.calls[0] == ([{"role": "user", "content": "hi"}], [(6, 4)])
+    hi = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    assert fake.calls[0] == (hi, [(6, 4)])
     texts, final = streamed(requests[1])
     assert "".join(texts) == generation.text and final.output("token_ids").tolist() == [1, 2]
     texts, final = streamed(requests[2])
@@ -256,7 +257,7 @@ def test_mllm_model_capacity_and_cancel(pb_utils, monkeypatch):
     params = dict(mllm_backend="trtllm", mllm_path="/w", prefix_cache="4", pipeline_config="{}",
                   max_generations="1", max_queued="1")  # fmt: skip
     model.initialize(args("mllm", decoupled=True, **params))
-    good = mllm.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    good = mllm.to_mllm_arrays([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], [Image.new("RGB", (6, 4))])
     by_id = MockRequest(dict(good, request_id=np.array([b"r1"], dtype=object)))
     by_client = MockRequest(good)
     full = MockRequest(good)
@@ -294,7 +295,7 @@ def test_mllm_model_survives_a_request_it_cannot_answer(pb_utils, monkeypatch):
     model = load("mllm")
     params = dict(mllm_backend="hf", mllm_path="/w", prefix_cache="4", pipeline_config="{}")
     model.initialize(args("mllm", decoupled=True, **params))
-    good = mllm.to_mllm_arrays([{"role": "user", "content": "hi"}], [Image.new("RGB", (6, 4))])
+    good = mllm.to_mllm_arrays([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], [Image.new("RGB", (6, 4))])
     gone = MockRequest(dict(good, stream=np.array([True])), sender=GoneSender())
     after = MockRequest(good)
     assert model.execute([gone, after]) is None

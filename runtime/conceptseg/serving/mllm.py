@@ -6,17 +6,18 @@
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from conceptseg import contract
+from conceptseg import contract, limits
+from conceptseg.config import PipelineConfig
 from conceptseg.protocols import Generation
 from conceptseg.serving.bls import Bls, EngineError
 from conceptseg.textstream import OnText
+from conceptseg.types import RequestError
 
 MLLM_INPUTS = ("messages", "images")
 MLLM_OUTPUTS = (
@@ -39,12 +40,55 @@ def to_mllm_arrays(
     }
 
 
+ROLES = ("system", "user", "assistant")
+MAX_MLLM_IMAGES = 2  # the reference prompt's [mosaic, target]
+MAX_MESSAGES_BYTES = 64 << 10
+
+
 def from_mllm_arrays(
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray], cfg: PipelineConfig | None = None
 ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    messages = json.loads(bytes(arrays["messages"].ravel()[0]))
-    images = [Image.open(io.BytesIO(bytes(b))).convert("RGB") for b in arrays["images"].ravel()]
+    """Messages and images of an ``mllm`` request, re-checked (clients can call the model
+    directly): chat messages of text and image entries only, one image per image entry, at most
+    two, each an encoded PNG or JPEG within the request limits. RequestError names the field."""
+    cfg = cfg or PipelineConfig()
+    raw = bytes(np.asarray(arrays["messages"]).ravel()[0])
+    if len(raw) > MAX_MESSAGES_BYTES:
+        raise RequestError("messages", f"{len(raw)} bytes; at most {MAX_MESSAGES_BYTES}")
+    try:
+        messages = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError("messages", "not UTF-8 JSON; send a list of chat messages") from None
+    wanted = _image_entries(messages)
+    blobs = list(np.asarray(arrays["images"]).ravel())
+    if len(blobs) != wanted or wanted > MAX_MLLM_IMAGES:
+        raise RequestError(
+            "images",
+            f"{len(blobs)} images for {wanted} image entries; one each, at most {MAX_MLLM_IMAGES}",
+        )
+    budget = limits.PixelBudget(cfg)
+    images = [contract.decode_image(bytes(b), f"images[{i}]", cfg, budget)
+              for i, b in enumerate(blobs)]  # fmt: skip
     return messages, images
+
+
+def _image_entries(messages: Any) -> int:
+    """The image entries of well-formed chat messages (RequestError for anything else)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages", "must be a non-empty JSON list of {role, content}")
+    count = 0
+    for i, message in enumerate(messages):
+        ok = isinstance(message, dict) and message.get("role") in ROLES
+        content = message.get("content") if ok else None
+        if not ok or not isinstance(content, list | str):
+            raise RequestError(f"messages[{i}]", f"needs role in {ROLES} and a content list")
+        for entry in content if isinstance(content, list) else []:
+            kind = entry.get("type") if isinstance(entry, dict) else None
+            if kind == "image":
+                count += 1
+            elif kind != "text" or not isinstance(entry.get("text"), str):
+                raise RequestError(f"messages[{i}]", "content entries are text or image only")
+    return count
 
 
 def generation_to_arrays(gen: Generation) -> dict[str, np.ndarray]:
