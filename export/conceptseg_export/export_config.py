@@ -7,9 +7,9 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conceptseg import cli_args
 from conceptseg.build import MLLM_PRECISIONS as MLLM_PRECISIONS_BY_BACKEND
 from conceptseg.types import UsageError
-from conceptseg_export import cli_args
 
 # graph -> (input names, output names): the ONNX contract the runtime reads
 GRAPHS = {

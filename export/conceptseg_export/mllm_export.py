@@ -49,6 +49,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from conceptseg import cli_args
 from conceptseg.backends.hf_mllm import HfMllm, load_qwen
 from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
 from conceptseg.models import qwen
@@ -56,7 +57,6 @@ from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
 from conceptseg.types import UsageError
 from conceptseg.weights import safetensors_files
-from conceptseg_export import cli_args
 from conceptseg_export.export_config import MLLM_PRECISIONS
 from conceptseg_export.manifest import export_versions, sha256_files
 

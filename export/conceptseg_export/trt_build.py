@@ -49,12 +49,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conceptseg import gpu_stack
+from conceptseg import cli_args, gpu_stack
 from conceptseg.backends.trt import TENSORRT_PIN, TensorRTUnavailable, import_tensorrt
 from conceptseg.config import PipelineConfig
 from conceptseg.models.engines import CTM_BUCKETS, bucket  # the runtime pads states to these
 from conceptseg.types import UsageError
-from conceptseg_export import cli_args
 from conceptseg_export.op_check import tensorrt_graphs
 from conceptseg_export.trt_verify import LIMITS, check_against_onnxruntime
 

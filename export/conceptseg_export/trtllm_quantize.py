@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 
-from conceptseg import gpu_stack
+from conceptseg import cli_args, gpu_stack
 from conceptseg.backends.trtllm_mllm import ARCHITECTURE, TRTLLM_PIN
 from conceptseg.inputs import parse_ref, read_image
 from conceptseg.models import qwen
 from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
 from conceptseg.types import Request, UsageError
-from conceptseg_export import cli_args
 from conceptseg_export.mllm_export import PROCESSOR_FILES
 
 MODELOPT_PIN = gpu_stack.load()["modelopt"]  # TensorRT-LLM's own requirement (gpu_stack.toml)

@@ -15,11 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conceptseg import benchmark, config, contract, evaluate
-from conceptseg.build import MLLM_BACKENDS
+from conceptseg import benchmark, cli_args, config, contract, evaluate
 from conceptseg.inputs import parse_ref, read_image
 from conceptseg.masks import to_png
-from conceptseg.models.engines import SAM3_PRECISIONS
 from conceptseg.pipeline_args import (
     add_config_args,
     add_pipeline_args,
@@ -27,6 +25,7 @@ from conceptseg.pipeline_args import (
     pipeline_from_args,
 )
 from conceptseg.samples import sample_request
+from conceptseg.serving.serve_config import ServeConfig
 from conceptseg.types import Request, RequestError, Result, UsageError
 from conceptseg.weights import is_synthetic
 from conceptseg_export import export_config, trt_build
@@ -178,8 +177,6 @@ def _show(shown: dict[str, Any], png: Path, js: Path, weights: Path | None) -> N
 def _serve_config(
     args: argparse.Namespace, engines: Path, http: int, grpc: int, metrics: int
 ) -> Any:
-    from conceptseg.serving.server import ServeConfig  # lazy: tritonclient's protos
-
     return ServeConfig(
         engines=engines,
         profile=getattr(args, "profile", "cpu"),
@@ -195,17 +192,12 @@ def _serve_config(
 def cmd_serve(args: argparse.Namespace) -> None:
     from conceptseg.serving.server import serve_forever  # lazy: tritonclient's protos
 
-    cfg = _serve_config(args, Path(args.engines), args.http_port, args.grpc_port, args.metrics_port)
-    cfg.model_control = args.model_control
-    cfg.api_key = config.api_key()  # CONCEPTSEG_API_KEY; empty: serve generates one
-    cfg.mllm_backend, cfg.mllm_precision = args.mllm_backend, args.mllm_precision
-    cfg.sam3_precision = args.sam3_precision
-    cfg.mllm_slots, cfg.mllm_queue = args.mllm_slots, args.mllm_queue
-    cfg.mllm_path = Path(args.mllm_path) if args.mllm_path else None
-    if args.tritonserver:
-        cfg.tritonserver = Path(args.tritonserver)
-    if args.backend_dir:
-        cfg.backend_dir = Path(args.backend_dir)
+    cfg = cli_args.from_cli_args(
+        args,
+        ServeConfig,
+        pipeline_config=dataclasses.asdict(config_from_args(args)),
+        api_key=config.api_key(),  # CONCEPTSEG_API_KEY; empty: serve generates one
+    )
     if serve_forever(cfg) != 0:
         raise SystemExit(1)
 
@@ -290,38 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep instances scoring at least this")  # fmt: skip
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("serve", help="run the Triton server on exported engines (Ctrl-C stops)")
-    p.add_argument("--engines", required=True, help="conceptseg export output (manifest.json)")
-    p.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument(
-        "--plans", default=None, help="gpu: TensorRT plans (default: the one ENGINES/trt-*)"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1 only)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--model-control", default="explicit", choices=["none", "explicit"],
-                   help="explicit (default): a model whose stub died is reloaded; load/unload "
-                        "need the API key. none: a stub death stops serve")  # fmt: skip
-    p.add_argument("--sam3-precision", default="fp32", choices=SAM3_PRECISIONS,
-                   help="cpu: int8 serves the image encoder with int8 weights "
-                   "(export --parts sam3_vision_int8)")  # fmt: skip
-    p.add_argument("--mllm-backend", default="", choices=["", *MLLM_BACKENDS],
-                   help="default: hf on cpu, trtllm on gpu")  # fmt: skip
-    p.add_argument(
-        "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
-    )
-    p.add_argument("--mllm-path", default=None, help="MLLM directory (default: from ENGINES)")
-    p.add_argument("--mllm-slots", type=int, default=0,
-                   help="generations the MLLM runs at once (default: hf 1, ort-genai 4, "
-                   "trtllm 8)")  # fmt: skip
-    p.add_argument("--mllm-queue", type=int, default=8,
-                   help="generations waiting behind them; past that: UNAVAILABLE")  # fmt: skip
-    p.add_argument(
-        "--tritonserver",
-        default=None,
-        help="another Triton build's binary (gpu; with --backend-dir)",
-    )
-    p.add_argument("--backend-dir", default=None, help="its backends directory (gpu: tensorrt)")
+    cli_args.add_cli_args(p, ServeConfig)
     add_config_args(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("client", help="send one request to a running server")

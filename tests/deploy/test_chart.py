@@ -184,7 +184,7 @@ def test_container_runs_serve_and_probes_hit_its_ports(rendered):
     assert (args.command, args.profile, args.host) == ("serve", "gpu", "0.0.0.0"), args
     assert args.tritonserver and args.backend_dir, "the NGC image's Triton (gpu profile)"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert any(args.engines.startswith(p + "/") for p in mounts), (args.engines, sorted(mounts))
+    assert any(str(args.engines).startswith(p + "/") for p in mounts), (args.engines, sorted(mounts))
     ports = serve_ports(args)
     opened = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert opened == ports, f"{case}: containerPorts {opened} != serve's {ports}"
@@ -310,7 +310,7 @@ def test_kserve_runtime_serves_the_same_way():
     isvc_claim = next(v for v in isvc["spec"]["predictor"]["volumes"] if v["name"] == "models")
     assert isvc_claim == chart_claim, (isvc_claim, chart_claim)
     mount = next(m for m in model["volumeMounts"] if m["name"] == "models")
-    assert args.engines.startswith(mount["mountPath"] + "/"), (args.engines, mount)
+    assert str(args.engines).startswith(mount["mountPath"] + "/"), (args.engines, mount)
     parse_chart = parse_cli(chart_pod["containers"][0])
     assert args.engines == parse_chart.engines
 

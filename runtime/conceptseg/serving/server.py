@@ -44,7 +44,7 @@ import tempfile
 import time
 import urllib.request
 import venv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,10 @@ from conceptseg.serving.repository import (
     build_repository,
     validate_repository,
 )
+from conceptseg.serving.serve_config import LOCALHOST, ServeConfig
 from conceptseg.types import RequestError
 
 STUB_SITE = Path(sys.prefix) / "triton-stub-site"  # numpy<2 for the stub (Makefile installs it)
-LOCALHOST = "127.0.0.1"
 API_KEY_HEADER = "conceptseg-api-key"
 GRPC_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"  # Triton's gRPC metadata form
 # Triton's restricted-API categories that need the key; health, metadata, inference stay open
@@ -162,50 +162,6 @@ def free_port(host: str = LOCALHOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    """One server: engines, profile, addresses, and what goes into the repository."""
-
-    engines: Path
-    profile: str = "cpu"
-    plans: Path | None = None  # gpu: TensorRT plans (default: the one ENGINES/trt-*)
-    host: str = LOCALHOST
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    # "explicit": models can be unloaded/loaded (with the key); the supervisor reloads a model
-    # whose stub died. "none": it stops the server instead (its own supervisor restarts it)
-    model_control: str = "explicit"
-    api_key: str = ""  # the restricted-API key; empty: generated per run (see Server.api_key)
-    supervise: bool = True  # watch the stubs (conceptseg.serving.supervisor)
-    health_interval_s: float = 0.5
-    # Triton >= 2.59 (--http-max-input-size): refuse bigger HTTP inputs; 0: 4 + 1 images' limit
-    max_input_bytes: int = 0
-    pipeline_config: dict[str, Any] = field(default_factory=dict)
-    orchestrator_instances: int = 2
-    engine_threads: int = 0
-    mllm_backend: str = ""  # hf | ort-genai (cpu) | trtllm (gpu); default: hf on cpu, trtllm on gpu
-    mllm_precision: str = "fp32"  # ort-genai
-    sam3_precision: str = "fp32"  # cpu: "int8" serves sam3_vision.int8.onnx as sam3_vision
-    mllm_path: Path | None = None  # default: from the engines directory (serving.repository)
-    mllm_slots: int = 0  # generations the MLLM runs at once (0: its backend's default; hf: 1)
-    mllm_queue: int = 8  # generations waiting behind them; past that UNAVAILABLE
-    # another Triton build (gpu: with the tensorrt backend), used as it is: both or neither
-    tritonserver: Path | None = None
-    backend_dir: Path | None = None
-    ready_timeout_s: float = 300.0
-    exit_timeout_s: int = 30  # Triton's default; unloading takes ~5 s here
-    log_verbose: int = 0
-
-    @property
-    def urls(self) -> dict[str, str]:
-        return {
-            "http": f"{self.host}:{self.http_port}",
-            "grpc": f"{self.host}:{self.grpc_port}",
-            "metrics": f"http://{self.host}:{self.metrics_port}/metrics",
-        }
 
 
 def _restricted(key: str) -> list[str]:

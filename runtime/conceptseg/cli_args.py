@@ -1,7 +1,8 @@
 """Command-line flags generated from a config dataclass: one ``--flag`` per field.
 
 Bools get ``--x/--no-x``, tuples take several values, ``Path | None`` fields take a path; a field
-without a default is a required flag. Help text and choices come from ``field(metadata=...)``.
+without a default is a required flag. Help text and choices come from ``field(metadata=...)``;
+``metadata={"cli": False}`` keeps a field off the command line (set by the program instead).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 def add_cli_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         kwargs: dict[str, Any] = {"help": f.metadata.get("help"), "dest": f.name}
         if f.default is MISSING:
@@ -31,5 +34,7 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def from_cli_args(args: argparse.Namespace, cls: type) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+def from_cli_args(args: argparse.Namespace, cls: type, **rest: Any) -> Any:
+    """``cls`` from the parsed flags; ``rest`` sets the fields that are not flags."""
+    flags = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli") is not False}
+    return cls(**flags, **rest)
