@@ -7,6 +7,7 @@ pipeline on the same engines and config, what every served answer is compared wi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import pytest
@@ -24,8 +25,10 @@ CONFIG = from_name(
 )
 
 
-@pytest.fixture(scope="session")
-def triton(tiny_engines):
+@contextmanager
+def _serving(engines, **options):
+    """A started server on the ``engines``, free loopback ports, ``options`` as ServeConfig
+    fields; always stopped. Skips where the pytriton wheel's server is missing."""
     pytest.importorskip("tritonclient")
     from conceptseg.serving.server import ServeConfig, Server, find_triton, free_port
     from conceptseg.types import RequestError
@@ -34,20 +37,25 @@ def triton(tiny_engines):
         find_triton()
     except RequestError as exc:
         pytest.skip(str(exc))
-    cfg = ServeConfig(
-        engines=tiny_engines,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        model_control="explicit",
-        pipeline_config=asdict(CONFIG),
-    )
-    server = Server(cfg)
+    ports = {n: free_port() for n in ("http_port", "grpc_port", "metrics_port")}
+    server = Server(ServeConfig(engines=engines, **ports, **options))
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """``with serving(engines, **options) as server``: a server of one's own (other options)."""
+    return _serving
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_engines, serving):
+    with serving(tiny_engines, model_control="explicit", pipeline_config=asdict(CONFIG)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -27,31 +27,10 @@ FAST = "mug"  # one word: the tiny SAM 3's presence passes its threshold
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engines):
-    pytest.importorskip("tritonclient")
-    from conceptseg.serving.server import ServeConfig, Server, find_triton, free_port
-    from conceptseg.types import RequestError
-
-    try:
-        find_triton()
-    except RequestError as exc:
-        pytest.skip(str(exc))
-    cfg = ServeConfig(
-        engines=tiny_engines,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        pipeline_config=asdict(LONG),
-        mllm_backend="ort-genai",
-        mllm_slots=SLOTS,
-        mllm_queue=QUEUE,
-    )
-    server = Server(cfg)
-    try:
-        server.start()
+def server(tiny_engines, serving):
+    options = dict(mllm_backend="ort-genai", mllm_slots=SLOTS, mllm_queue=QUEUE)
+    with serving(tiny_engines, pipeline_config=asdict(LONG), **options) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
