@@ -138,7 +138,9 @@ def _demo_served(args: argparse.Namespace, request: Request, weights: Path, out:
         cmd_export(
             build_parser().parse_args(["export", "--weights", str(weights), "--out", str(engines)])
         )
-    cfg = _serve_config(args, engines, free_port(), free_port(), free_port())
+    ports = {n: free_port() for n in ("http_port", "grpc_port", "metrics_port")}
+    pipeline_config = dataclasses.asdict(config_from_args(args))
+    cfg = ServeConfig(engines=engines, **ports, pipeline_config=pipeline_config)
     print(f"starting tritonserver (cpu profile) on {cfg.host} ...", flush=True)
     with Server(cfg) as server:
         print(f"ready: HTTP {cfg.urls['http']}  gRPC {cfg.urls['grpc']}  (log {server.log_path})")
@@ -172,21 +174,6 @@ def _show(shown: dict[str, Any], png: Path, js: Path, weights: Path | None) -> N
     )
     if synthetic:
         print(SYNTHETIC_BANNER)
-
-
-def _serve_config(
-    args: argparse.Namespace, engines: Path, http: int, grpc: int, metrics: int
-) -> Any:
-    return ServeConfig(
-        engines=engines,
-        profile=getattr(args, "profile", "cpu"),
-        plans=Path(args.plans) if getattr(args, "plans", None) else None,
-        host=getattr(args, "host", None) or "127.0.0.1",
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        pipeline_config=dataclasses.asdict(config_from_args(args)),
-    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
