@@ -17,10 +17,19 @@ does not notice a dropped connection while the request runs, so HTTP clients sen
 MLLM, the watcher sends the ``mllm`` model a cancel for it (a BLS call cannot be cancelled in
 Triton 2.51), so the generation stops at its next step and frees its slot; the request ends
 with :class:`Cancelled` (CANCELLED).
+
+Memory: the same watcher hands the heap's free pages back to the system every ``trim_every_s``
+(glibc ``malloc_trim``). Each request allocates and frees tens of MB of arrays on many threads;
+without it, glibc keeps the freed pages in its per-thread arenas and the stub's RSS climbs for
+minutes (measured: 190 -> 235 MB in 4 minutes of fast requests, tiny engines) though nothing is
+live. ``serve`` also caps the arenas (``MALLOC_ARENA_MAX``, ``serving.server``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 import time
 import uuid
@@ -45,6 +54,18 @@ from conceptseg.types import AtCapacity, Cancelled, Result
 from conceptseg.versions import versions
 
 Arrays = dict[str, np.ndarray]
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc; nothing elsewhere)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _never() -> bool:
@@ -141,6 +162,7 @@ class Orchestrator:
         max_requests: int = 12,
         max_reasoning: int = 8,
         poll_s: float = 0.05,
+        trim_every_s: float = 5.0,
     ) -> None:
         assert 1 <= max_reasoning < max_requests, (
             f"max_reasoning={max_reasoning} must leave threads for fast requests "
@@ -156,7 +178,7 @@ class Orchestrator:
         self.ctm = EngineCtm(engines, BlsGraph(bls, "ctm", ("concept",)))
         self.config, self.versions = config, versions
         self.closed = threading.Event()
-        self.poll_s = poll_s
+        self.poll_s, self.trim_every_s = poll_s, trim_every_s
         self.watcher = threading.Thread(target=self._watch, name="conceptseg-cancel", daemon=True)
         self.watcher.start()
 
@@ -220,8 +242,13 @@ class Orchestrator:
                 self.live.discard(ticket)
 
     def _watch(self) -> None:
-        """Poll the live requests; cancel the generation of one whose client is gone."""
+        """Poll the live requests; cancel the generation of one whose client is gone; trim the
+        heap every ``trim_every_s``."""
+        next_trim = time.monotonic() + self.trim_every_s
         while not self.closed.wait(self.poll_s):
+            if time.monotonic() >= next_trim:
+                trim_heap()
+                next_trim = time.monotonic() + self.trim_every_s
             with self.lock:
                 tickets = list(self.live)
             for ticket in tickets:

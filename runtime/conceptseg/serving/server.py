@@ -143,6 +143,9 @@ def server_env(install: TritonInstall, stub_env: Path) -> dict[str, str]:
     env.pop("PYTHONHOME", None)
     env.pop("VIRTUAL_ENV", None)
     env.pop("CONCEPTSEG_API_KEY", None)  # the server gets it on its command line only
+    # glibc makes up to 8 heap arenas per core, one per thread that contends; each keeps its
+    # freed pages, so a stub's RSS grows with its thread count (orchestrator.trim_heap)
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     return env
 
 
