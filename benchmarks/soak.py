@@ -166,6 +166,16 @@ def rss_growth(samples: list[tuple[float, dict[str, int]]], window: float) -> di
     return out
 
 
+def failure_kinds(outcomes: list[Outcome]) -> dict[str, int]:
+    """Failed requests by the start of their error (the exception and its first words)."""
+    kinds: dict[str, int] = {}
+    for o in outcomes:
+        if o.error:
+            key = " ".join(o.error.split()[:6])[:80]
+            kinds[key] = kinds.get(key, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def run_soak(
     server: Server, duration: float, concurrency: int, warmup: float, max_growth_pct: float = 10.0
 ) -> dict[str, Any]:
@@ -223,7 +233,8 @@ def _grpc_inputs(arrays: dict[str, np.ndarray]) -> list[Any]:
 
 def kill_stub(server: Server, model: str) -> dict[str, Any] | None:
     """SIGKILL one live stub of ``model`` (None: none is running, e.g. still being reloaded)."""
-    stubs = supervisor.list_stubs(server.process.pid)
+    # the newest stub: a replaced one may linger (supervisor.reap_stale), killing it is no fault
+    stubs = sorted(supervisor.list_stubs(server.process.pid), key=lambda s: -s.started)
     stub = next((s for s in stubs if s.model == model and s.alive), None)
     if stub is None:
         return None
@@ -259,17 +270,26 @@ def run_faults(
     outcomes = clients.run(duration)
     stop.set()
     injector.join(timeout=60)
-    settle = time.monotonic() + 120  # the last repair may still be under way
-    while time.monotonic() < settle and (server.supervisor.repairing or not server.ready()):
+
+    def event_of(fault: dict[str, Any]) -> supervisor.Event | None:
+        return next(
+            (e for e in server.supervisor.events
+             if e.instance == fault["instance"] and e.died_at >= fault["at"]), None,
+        )  # fmt: skip
+
+    kills = [f for f in faults if f["fault"] == "kill"]
+    settle = time.monotonic() + 120  # the last repairs may still be under way
+
+    def settled() -> bool:
+        repaired = all((e := event_of(f)) and e.recovered_s is not None for f in kills)
+        return repaired and not server.supervisor.repairing and server.ready()
+
+    while time.monotonic() < settle and not settled():
         time.sleep(0.5)
-    for f in faults:
-        if f["fault"] == "kill":
-            event = next(
-                (e for e in server.supervisor.events
-                 if e.instance == f["instance"] and e.died_at >= f["at"]), None,
-            )  # fmt: skip
-            f["recovered_s"] = None if event is None else event.recovered_s
-            f["until"] = f["at"] + (f["recovered_s"] or duration) + 1.0
+    for f in kills:
+        event = event_of(f)
+        f["recovered_s"] = None if event is None else event.recovered_s
+        f["until"] = f["at"] + (f["recovered_s"] or duration) + 1.0
     outages = [(f["at"], f["until"]) for f in faults if f["fault"] == "kill"]
     stray = [
         o.error
@@ -284,6 +304,7 @@ def run_faults(
         "kills": len(recovered),
         "max_recovery_s": max((r for r in recovered if r is not None), default=None),
         "failures_outside_outages": stray[:5],
+        "failure_kinds": failure_kinds(outcomes),
         "after_faults": summary(after),
         "ok": (
             server.ready() and not stray and None not in recovered

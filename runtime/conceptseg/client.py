@@ -31,8 +31,13 @@ from conceptseg.types import Box
 
 MODEL = "conceptseg"
 PROTOCOLS = ("http", "grpc")
-# UNAVAILABLE answers (the server's AtCapacity; Triton's queue full / queue timeout)
-BUSY_MESSAGES = ("at capacity", "Exceeds maximum queue size", "Request timeout expired")
+# UNAVAILABLE answers (the server's AtCapacity and EngineDown; Triton's queue full / timeout)
+BUSY_MESSAGES = (
+    "at capacity",
+    "bringing it back",
+    "Exceeds maximum queue size",
+    "Request timeout expired",
+)
 
 
 class ServerError(RuntimeError):

@@ -47,6 +47,11 @@ class AtCapacity(RuntimeError):
     MARK = "at capacity"
 
 
+class EngineDown(RuntimeError):
+    """A model the request was waiting on lost its process mid-call (the server brings it back
+    within seconds): the request failed, nothing else. The server answers UNAVAILABLE; retry."""
+
+
 class UsageError(ValueError):
     """A command-line, file or environment mistake (not a request field): the CLI prints
     ``error: <argument>: <message>`` and exits 2."""

@@ -18,9 +18,12 @@ class FakeTriton:
         self.ready_models = {"mllm", "ctm"}
         self.calls: list[str] = []
         self.loads_failing = loads_failing
+        self.silent: set[str] = set()
 
-    def ready(self, model):
-        return model in self.ready_models
+    def readiness(self, model):
+        if model in self.silent:
+            return 0  # no answer (a busy server)
+        return 200 if model in self.ready_models else 400
 
     def unload(self, model):
         self.calls.append(f"unload {model}")
@@ -74,6 +77,20 @@ def test_a_deliberate_unload_or_a_replaced_stub_is_not_a_death(stubs):
     assert triton.calls == [] and sup.events == [] and sup.known == {"mllm_0_0": 12}
 
 
+def test_a_readiness_call_without_answer_postpones_the_verdict(stubs):
+    triton, dead = FakeTriton(), []
+    sup = watch(triton, can_reload=False, on_dead=dead.append)
+    stubs.append(Stub(11, "ctm_0_0", "r2", True))
+    sup.check()
+    stubs.clear()  # the stub is killed while the server is too busy to answer /ready
+    triton.silent.add("ctm")
+    sup.check()
+    assert dead == [] and sup.known == {"ctm_0_0": 11}, "undecided, still watched"
+    triton.silent.clear()
+    sup.check()
+    assert [e.instance for e in dead] == ["ctm_0_0"] and sup.known == {}
+
+
 def test_without_model_control_a_death_is_reported_not_repaired(stubs):
     triton, dead = FakeTriton(), []
     sup = watch(triton, can_reload=False, on_dead=dead.append)
@@ -98,3 +115,36 @@ class _NoWait:
 
     def set(self):
         pass
+
+
+def test_a_replaced_stub_still_running_is_killed_after_the_grace(stubs, monkeypatch):
+    killed, clock = [], [100.0]
+    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: killed.append(pid))
+    monkeypatch.setattr(supervisor.time, "monotonic", lambda: clock[0])
+    triton = FakeTriton()
+    sup = watch(triton, stale_after_s=60)
+    # after a repair: the old conceptseg_0_1 (started first) lingers beside its replacement
+    stubs += [Stub(20, "conceptseg_0_1", "r", True, started=5),
+              Stub(30, "conceptseg_0_1", "r", True, started=9)]  # fmt: skip
+    sup.check()
+    assert sup.known == {"conceptseg_0_1": 30} and killed == []
+    clock[0] += 59
+    sup.check()
+    assert killed == []
+    clock[0] += 2
+    sup.check()
+    assert killed == [20] and sup.events == [] and triton.calls == [], "not a death"
+
+
+def test_an_older_stub_still_running_does_not_hide_a_death(stubs):
+    triton = FakeTriton()
+    triton.ready_models.add("conceptseg")
+    sup = watch(triton, can_reload=False, on_dead=lambda event: None)
+    stale = Stub(20, "conceptseg_0_0", "r", True, started=5)  # left from an earlier repair
+    current = Stub(30, "conceptseg_0_0", "r", True, started=9)
+    stubs += [stale, current]
+    sup.check()
+    assert sup.known == {"conceptseg_0_0": 30}
+    stubs.remove(current)  # the current one is killed; the stale one still runs
+    sup.check()
+    assert [e.pid for e in sup.events] == [30]

@@ -9,20 +9,33 @@ thread, for a model whose ``execute`` returns before its requests are answered.
 An engine's error answer raises :class:`EngineError`; CANCELLED and UNAVAILABLE ones raise
 :class:`~conceptseg.types.Cancelled` and :class:`~conceptseg.types.AtCapacity`, so the
 orchestrator's answer keeps the engine's code.
+
+No wait is unbounded: Triton 2.51 never answers a BLS call whose target stub died mid-call, so
+every wait polls ``Bls.deaths`` (the stubs of this server that died, by model; see
+``supervisor.StubDeaths``) and raises :class:`~conceptseg.types.EngineDown` when the target
+lost a stub since the call began. Without it, each request in flight on a killed ``mllm`` held
+its orchestrator slot forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from conceptseg.types import AtCapacity, Cancelled
+from conceptseg.types import AtCapacity, Cancelled, EngineDown
+
+POLL_S = 0.25  # how often a blocked wait looks at the target's stubs
+# Triton 2.51's words for a model being repaired (supervisor: unloaded, loading) or whose stub
+# died before Triton noticed
+_DOWN_MARKS = ("is not ready", "is not healthy", "is not found")
 
 
 class EngineError(RuntimeError):
@@ -48,14 +61,49 @@ def engine_error(pb_utils: Any, model: str, error: Any) -> Exception:
         return Cancelled(f"{text.removeprefix(Cancelled.PREFIX)} ({model})")
     if code == pb_utils.TritonError.UNAVAILABLE or AtCapacity.MARK in text:
         return AtCapacity(message)
+    if any(mark in text for mark in _DOWN_MARKS):  # unloaded to be repaired, or its stub dead
+        return EngineDown(f"{message} (the server is bringing it back): retry in a few seconds")
     return EngineError(message)
 
 
-class Bls:
-    """Submit BLS calls on the model's event loop from any thread (``loop`` set by execute)."""
+class Deaths(Protocol):
+    def count(self, model: str) -> int:
+        """How many stubs of ``model`` have died so far (grows, never shrinks)."""
+        ...
 
-    def __init__(self, pb_utils: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+
+class _NoDeaths:
+    def count(self, model: str) -> int:
+        return 0
+
+
+class Bls:
+    """Submit BLS calls on the model's event loop from any thread (``loop`` set by execute);
+    ``deaths`` bounds every wait (see the module docstring)."""
+
+    def __init__(
+        self, pb_utils: Any, loop: asyncio.AbstractEventLoop | None, deaths: Deaths | None = None
+    ) -> None:
         self.pb_utils, self.loop = pb_utils, loop
+        self.deaths: Deaths = deaths or _NoDeaths()
+
+    def _down(self, model: str) -> EngineDown:
+        return EngineDown(
+            f"{model}: its process died while this request waited on it (the server is "
+            "bringing it back): retry in a few seconds"
+        )
+
+    def wait(self, future: Future[Any], model: str, since: int | None = None) -> Any:
+        """``future.result()``, or :class:`EngineDown` once ``model`` lost a stub after
+        ``since`` (its death count when the call began; now if None)."""
+        since = self.deaths.count(model) if since is None else since
+        while True:
+            try:
+                return future.result(timeout=POLL_S)
+            except FutureTimeout:
+                if self.deaths.count(model) != since:
+                    future.cancel()
+                    raise self._down(model) from None
 
     def _request(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> Any:
         pb = self.pb_utils
@@ -82,7 +130,8 @@ class Bls:
     def call(
         self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
-        return self.submit(model, inputs, outputs).result()
+        since = self.deaths.count(model)
+        return self.wait(self.submit(model, inputs, outputs), model, since)  # type: ignore[no-any-return]
 
     async def _open_stream(
         self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
@@ -97,15 +146,45 @@ class Bls:
         final-flag response is skipped). Call from a worker thread: the call is opened on the
         model's loop, and the iterator's blocking ``next`` runs here, the GIL released."""
         assert self.loop is not None, "Bls.loop is unset: execute binds the running loop first"
+        since = self.deaths.count(model)
         opened = asyncio.run_coroutine_threadsafe(
             self._open_stream(model, inputs, outputs), self.loop
         )
-        for response in opened.result():
+        # the response iterator's ``next`` blocks in C++ with no timeout: a thread of its own
+        # reads it, so this one can give up on a dead model (the reader then stays blocked)
+        responses: queue.Queue[Any] = queue.Queue()
+        reader = threading.Thread(
+            target=_read_all, args=(self.wait(opened, model, since), responses), daemon=True
+        )
+        reader.start()
+        while True:
+            try:
+                response = responses.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.deaths.count(model) != since:
+                    raise self._down(model) from None
+                continue
+            if response is _END:
+                return
+            if isinstance(response, BaseException):
+                raise response
             if response.has_error():
                 raise engine_error(self.pb_utils, model, response.error())
             tensors = response.output_tensors()
             if tensors:
                 yield {t.name(): t.as_numpy() for t in tensors}
+
+
+_END = object()
+
+
+def _read_all(iterator: Any, into: queue.Queue[Any]) -> None:
+    try:
+        for response in iterator:
+            into.put(response)
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+        into.put(exc)
+    into.put(_END)
 
 
 @dataclass

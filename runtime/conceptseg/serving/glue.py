@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from conceptseg.config import PipelineConfig
-from conceptseg.types import AtCapacity, Cancelled, RequestError
+from conceptseg.types import AtCapacity, Cancelled, EngineDown, RequestError
 
 MAX_BOXES = 64  # prompt boxes per SAM 3 call: the pipeline sends at most a few
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # object reprs: no addresses to clients
@@ -53,8 +53,13 @@ def to_response(pb_utils: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 def error_code(pb_utils: Any, exc: BaseException) -> Any:
     """The ``TritonError`` code for ``exc``: INVALID_ARG (:class:`RequestError`), CANCELLED
-    (:class:`Cancelled`), UNAVAILABLE (:class:`AtCapacity`), else INTERNAL."""
-    codes = {RequestError: "INVALID_ARG", Cancelled: "CANCELLED", AtCapacity: "UNAVAILABLE"}
+    (:class:`Cancelled`), UNAVAILABLE (:class:`AtCapacity`, :class:`EngineDown`), else INTERNAL."""
+    codes = {
+        RequestError: "INVALID_ARG",
+        Cancelled: "CANCELLED",
+        AtCapacity: "UNAVAILABLE",
+        EngineDown: "UNAVAILABLE",
+    }
     name = next((n for t, n in codes.items() if isinstance(exc, t)), "INTERNAL")
     return getattr(pb_utils.TritonError, name)
 
@@ -62,7 +67,7 @@ def error_code(pb_utils: Any, exc: BaseException) -> Any:
 def error_response(pb_utils: Any, exc: BaseException, logger: Any = None) -> Any:
     """INVALID_ARG / CANCELLED / UNAVAILABLE for the typed errors (:func:`error_code`),
     INTERNAL (and a log line) for anything else."""
-    if isinstance(exc, RequestError | Cancelled | AtCapacity):
+    if isinstance(exc, RequestError | Cancelled | AtCapacity | EngineDown):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(exc), error_code(pb_utils, exc))
         )

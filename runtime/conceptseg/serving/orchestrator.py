@@ -30,12 +30,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from conceptseg.protocols import Generation, SegOutput
 from conceptseg.serving.bls import Bls, BlsGraph
 from conceptseg.serving.mllm import TritonMllm
 from conceptseg.serving.sam3 import PendingImage, TritonSam3
+from conceptseg.serving.supervisor import StubDeaths
 from conceptseg.textstream import OnText
 from conceptseg.types import AtCapacity, Cancelled, Result
 from conceptseg.versions import versions
@@ -76,22 +78,37 @@ def _never() -> bool:
 class Ticket:
     """One admitted request's cancellation state (``mllm_id``: its generation, while it runs;
     ``deadline``: ``time.monotonic()`` past which the client has given up, from the request's
-    ``timeout`` parameter)."""
+    ``timeout`` parameter).
+
+    ``is_cancelled`` is never called once the request is answered: the answer frees the
+    request's response factory inside tritonserver, and asking it then crashes the server
+    (SIGSEGV in ``TRITONBACKEND_ResponseFactoryIsCancelled``, seen when the watcher polled a
+    request that had just failed). ``finish`` (before the answer) and ``poll`` share a lock."""
 
     is_cancelled: Callable[[], bool] = _never
     deadline: float | None = None
     cancelled: bool = False
     mllm_id: str = ""
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def poll(self) -> bool:
-        if not self.cancelled and self.deadline is not None:
-            self.cancelled = time.monotonic() > self.deadline
-        if not self.cancelled:
-            try:
-                self.cancelled = bool(self.is_cancelled())
-            except Exception:  # noqa: BLE001 - a request Triton already released counts as gone
-                self.cancelled = True
-        return self.cancelled
+        with self.lock:
+            if self.finished:
+                return self.cancelled
+            if not self.cancelled and self.deadline is not None:
+                self.cancelled = time.monotonic() > self.deadline
+            if not self.cancelled:
+                try:
+                    self.cancelled = bool(self.is_cancelled())
+                except Exception:  # noqa: BLE001 - a request Triton released counts as gone
+                    self.cancelled = True
+            return self.cancelled
+
+    def finish(self) -> None:
+        """Called before the request is answered: no ``is_cancelled`` after this."""
+        with self.lock:
+            self.finished = True
 
     def check(self) -> None:
         """Raise :class:`Cancelled` when the client is gone (called between pipeline steps)."""
@@ -163,6 +180,7 @@ class Orchestrator:
         max_reasoning: int = 8,
         poll_s: float = 0.05,
         trim_every_s: float = 5.0,
+        stubs_every_s: float = 1.0,
     ) -> None:
         assert 1 <= max_reasoning < max_requests, (
             f"max_reasoning={max_reasoning} must leave threads for fast requests "
@@ -178,7 +196,11 @@ class Orchestrator:
         self.ctm = EngineCtm(engines, BlsGraph(bls, "ctm", ("concept",)))
         self.config, self.versions = config, versions
         self.closed = threading.Event()
-        self.poll_s, self.trim_every_s = poll_s, trim_every_s
+        self.poll_s, self.trim_every_s, self.stubs_every_s = poll_s, trim_every_s, stubs_every_s
+        # the stub's parent is the tritonserver: its other stubs are the engine models
+        self.deaths = StubDeaths(os.getppid())
+        self.deaths.refresh()
+        bls.deaths = self.deaths
         self.watcher = threading.Thread(target=self._watch, name="conceptseg-cancel", daemon=True)
         self.watcher.start()
 
@@ -234,21 +256,30 @@ class Orchestrator:
         try:
             out = self.handle(arrays, on_text, ticket)
         except Exception as exc:  # noqa: BLE001 - one request fails, the others go on
+            ticket.finish()
             on_error(exc)
         else:
+            ticket.finish()
             on_done(out)
         finally:
+            ticket.finish()
             with self.lock:
                 self.live.discard(ticket)
 
     def _watch(self) -> None:
-        """Poll the live requests; cancel the generation of one whose client is gone; trim the
-        heap every ``trim_every_s``."""
+        """Poll the live requests; cancel the generation of one whose client is gone; look at
+        the server's stubs every ``stubs_every_s`` (``serving.bls``: no wait on a dead model);
+        trim the heap every ``trim_every_s``."""
         next_trim = time.monotonic() + self.trim_every_s
+        next_look = time.monotonic() + self.stubs_every_s
         while not self.closed.wait(self.poll_s):
-            if time.monotonic() >= next_trim:
+            now = time.monotonic()
+            if now >= next_look:
+                self.deaths.refresh()
+                next_look = now + self.stubs_every_s
+            if now >= next_trim:
                 trim_heap()
-                next_trim = time.monotonic() + self.trim_every_s
+                next_trim = now + self.trim_every_s
             with self.lock:
                 tickets = list(self.live)
             for ticket in tickets:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,8 +25,8 @@ from conceptseg.serving.bls import Bls, BlsGraph
 class PendingImage(EngineImage):
     """Image features being computed by the ``sam3_vision`` model (resolved on first use)."""
 
-    def __init__(self, future: Future) -> None:
-        self.future = future
+    def __init__(self, future: Future, wait: Callable[[Future], Any] = Future.result) -> None:
+        self.future, self.wait = future, wait
         self.started, self.finished = time.perf_counter(), 0.0
         future.add_done_callback(self._done)
 
@@ -38,7 +40,7 @@ class PendingImage(EngineImage):
 
     @property
     def fpn(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = self.future.result()
+        out = self.wait(self.future)
         return out["fpn0"], out["fpn1"], out["fpn2"]
 
 
@@ -64,7 +66,9 @@ class TritonSam3(EngineSam3):
     def encode_image(self, image: Image.Image) -> PendingImage:
         pixels = preprocess(image, self.side)
         outputs = ("fpn0", "fpn1", "fpn2")
-        return PendingImage(self.bls.submit("sam3_vision", {"image": pixels}, outputs))
+        since = self.bls.deaths.count("sam3_vision")
+        future = self.bls.submit("sam3_vision", {"image": pixels}, outputs)
+        return PendingImage(future, lambda f: self.bls.wait(f, "sam3_vision", since))
 
     def text_features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:

@@ -13,6 +13,8 @@ release). So this thread, every ``interval_s``:
 3. repairs the model: ``unload`` at once (model readiness, and with ``--strict-readiness`` the
    server's, turn 503/400 within ``interval_s``), then ``load`` (a fresh stub), retried with
    backoff. Both calls carry the restricted ``model-repository`` key.
+4. kills a stub that a newer stub of its instance replaced ``stale_after_s`` ago: the old
+   model of a repaired orchestrator is never released (see ``reap_stale``).
 
 Only explicit model control can unload and load; otherwise the watchdog reports the death
 and ``on_dead`` decides (``serve`` stops: its supervisor, e.g. Kubernetes, restarts the pod).
@@ -21,6 +23,7 @@ and ``on_dead`` decides (``serve`` stops: its supervisor, e.g. Kubernetes, resta
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -41,6 +44,7 @@ class Stub:
     instance: str  # "<model>_<group>_<index>", e.g. "mllm_0_0"
     region: str  # its shared-memory region (a file in /dev/shm)
     alive: bool  # running (not a zombie)
+    started: int = 0  # start time (clock ticks since boot): the newest of one instance is current
 
     @property
     def model(self) -> str:
@@ -53,11 +57,13 @@ def _read_stub(pid: str, parent: int) -> Stub | None:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:  # exited meanwhile
         return None
-    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    fields = stat.rsplit(")", 1)[1].split()
+    state, ppid, started = fields[0], fields[1], int(fields[19])
     if int(ppid) != parent or not argv[0].endswith(STUB_BINARY.encode()) or len(argv) < 9:
         return None
     region = argv[2].decode(errors="replace").lstrip("/")
-    return Stub(int(pid), argv[8].decode(errors="replace"), region, state not in ("Z", "X"))
+    instance = argv[8].decode(errors="replace")
+    return Stub(int(pid), instance, region, state not in ("Z", "X"), started)
 
 
 def list_stubs(server_pid: int) -> list[Stub]:
@@ -93,6 +99,31 @@ def remove_regions(prefix: str) -> list[Path]:
     return removed
 
 
+class StubDeaths:
+    """For a model inside the server: a count per model that grows at each look (``refresh``)
+    that finds one of its stubs gone since the last look, or none of them alive (a call sent
+    meanwhile went to a dead stub). ``Bls`` gives up a call to a model whose count changed
+    since the call began. A deliberate unload counts too: its stubs exit only once their calls
+    are answered, so no waiting call is cut short by it."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.seen: dict[int, str] = {}  # pid -> model of each live stub at the last look
+        self.models: set[str] = set()  # every model seen with a stub
+        self.counts: dict[str, int] = {}
+
+    def refresh(self) -> None:
+        live = {s.pid: s.model for s in list_stubs(self.server_pid) if s.alive}
+        changed = {m for pid, m in self.seen.items() if pid not in live}
+        self.models |= set(live.values())
+        for model in changed | (self.models - set(live.values())):
+            self.counts[model] = self.counts.get(model, 0) + 1
+        self.seen = live
+
+    def count(self, model: str) -> int:
+        return self.counts.get(model, 0)
+
+
 @dataclass(frozen=True)
 class Repository:
     """Triton's model-repository and readiness endpoints over HTTP, with the restricted key."""
@@ -113,8 +144,12 @@ class Repository:
         except OSError:
             return 0
 
+    def readiness(self, model: str) -> int:
+        """The HTTP status of the model's readiness (200 ready, 400 unloaded, 0 no answer)."""
+        return self._call(f"/v2/models/{model}/ready")
+
     def ready(self, model: str) -> bool:
-        return self._call(f"/v2/models/{model}/ready") == 200
+        return self.readiness(model) == 200
 
     def unload(self, model: str) -> bool:
         return self._call(f"/v2/repository/models/{model}/unload", "POST") == 200
@@ -146,6 +181,7 @@ class Supervisor(threading.Thread):
         region_prefix: str = "",
         interval_s: float = 0.5,
         can_reload: bool = True,
+        stale_after_s: float = 600.0,
         on_event: Callable[[str], None] = lambda line: None,
         on_dead: Callable[[Event], None] = lambda event: None,
     ) -> None:
@@ -154,6 +190,9 @@ class Supervisor(threading.Thread):
         self.region_prefix, self.interval_s = region_prefix, interval_s
         self.can_reload, self.on_event, self.on_dead = can_reload, on_event, on_dead
         self.known: dict[str, int] = {}  # instance -> pid of its live stub
+        self.started: dict[int, int] = {}  # pid -> start time, of the stubs seen alive
+        self.stale_after_s = stale_after_s
+        self.stale_since: dict[int, float] = {}  # pid of a replaced stub -> when first seen so
         self.events: list[Event] = []
         self.repairing: set[str] = set()  # models being unloaded/loaded now
         self._stop = threading.Event()
@@ -169,19 +208,66 @@ class Supervisor(threading.Thread):
                 self.on_event(f"supervisor: poll failed: {exc!r}")
 
     def dead_instances(self) -> list[Stub]:
-        """Instances whose stub died while Triton still calls the model ready; updates ``known``."""
-        stubs = list_stubs(self.server_pid)
-        live = {s.instance: s.pid for s in stubs if s.alive}
-        dead = []
+        """Instances whose stub died while Triton still calls the model ready; updates ``known``.
+        A known stub that is gone counts as dead unless a newer stub of its instance runs (a
+        reload): an older one still running (``reap_stale``) does not hide the death. A
+        readiness call that gets no answer (a busy server) decides nothing: asked again at the
+        next poll, so a death is never dropped for it."""
+        stubs = sorted((s for s in list_stubs(self.server_pid) if s.alive), key=lambda s: s.started)
+        live = {s.instance: s for s in stubs}  # the newest stub of each instance
+        self.reap_stale(stubs, {i: s.pid for i, s in live.items()})
+        alive = {s.pid for s in stubs}
+        dead, undecided = [], set()
         for instance, pid in list(self.known.items()):
-            if instance in live:
-                continue
+            newest = live.get(instance)
+            if pid in alive or (newest and newest.started >= self.started.get(pid, 0)):
+                continue  # running, or replaced by a reload
             model = instance.rsplit("_", 2)[0]
+            status = 0 if model in self.repairing else self.repository.readiness(model)
+            if status == 0 and model not in self.repairing:
+                undecided.add(instance)  # keep it known
+                continue
             del self.known[instance]
-            if model not in self.repairing and self.repository.ready(model):
+            if status == 200:
                 dead.append(Stub(pid, instance, "", False))
-        self.known.update(live)
+            elif model not in self.repairing:
+                self.on_event(
+                    f"supervisor: stub {instance} exited with {model} not ready "
+                    f"(HTTP {status}): unloaded on purpose, not a death"
+                )
+        for instance, stub in live.items():
+            if instance not in undecided and (instance not in self.known or stub.started
+                                              >= self.started.get(self.known[instance], 0)):
+                self.known[instance] = stub.pid
+        self.started = {s.pid: s.started for s in stubs} | {
+            pid: self.started[pid] for pid in self.known.values() if pid in self.started
+        }
         return dead
+
+    def reap_stale(self, stubs: list[Stub], live: dict[str, int]) -> None:
+        """SIGKILL a stub that a newer one of its instance replaced ``stale_after_s`` ago.
+
+        After a repair, the old stubs of the model's other instances should exit once their
+        requests are answered, but Triton 2.51 keeps the old model, and so those stubs, for
+        as long as any of its requests is unanswered, and the requests that were in flight on
+        the dead stub never are. Each would hold an orchestrator's memory for good."""
+        now = time.monotonic()
+        stale = {s.pid for s in stubs if live[s.instance] != s.pid}
+        for pid in stale - set(self.stale_since):
+            self.stale_since[pid] = now
+        for pid, since in list(self.stale_since.items()):
+            if pid not in stale:
+                del self.stale_since[pid]
+            elif now - since >= self.stale_after_s:
+                del self.stale_since[pid]
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    continue
+                self.on_event(
+                    f"supervisor: killed stale stub pid {pid}, replaced {now - since:.0f} s ago "
+                    "(its unloaded model still held requests lost with a dead stub)"
+                )
 
     def check(self) -> None:
         protect_regions(self.region_prefix)
