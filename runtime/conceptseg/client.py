@@ -34,7 +34,7 @@ PROTOCOLS = ("http", "grpc")
 # UNAVAILABLE answers (the server's AtCapacity and EngineDown; Triton's queue full / timeout)
 BUSY_MESSAGES = (
     "at capacity",
-    "bringing it back",
+    "the model is down",
     "Exceeds maximum queue size",
     "Request timeout expired",
 )

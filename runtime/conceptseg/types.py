@@ -49,7 +49,10 @@ class AtCapacity(RuntimeError):
 
 class EngineDown(RuntimeError):
     """A model the request was waiting on lost its process mid-call (the server brings it back
-    within seconds): the request failed, nothing else. The server answers UNAVAILABLE; retry."""
+    within seconds): the request failed, nothing else. The server answers UNAVAILABLE; retry.
+    Every message contains :attr:`MARK`."""
+
+    MARK = "the model is down"
 
 
 class UsageError(ValueError):

@@ -62,7 +62,7 @@ def engine_error(pb_utils: Any, model: str, error: Any) -> Exception:
     if code == pb_utils.TritonError.UNAVAILABLE or AtCapacity.MARK in text:
         return AtCapacity(message)
     if any(mark in text for mark in _DOWN_MARKS):  # unloaded to be repaired, or its stub dead
-        return EngineDown(f"{message} (the server is bringing it back): retry in a few seconds")
+        return EngineDown(f"{message}; {EngineDown.MARK} (unloaded, or reloading): retry later")
     return EngineError(message)
 
 
@@ -89,8 +89,8 @@ class Bls:
 
     def _down(self, model: str) -> EngineDown:
         return EngineDown(
-            f"{model}: its process died while this request waited on it (the server is "
-            "bringing it back): retry in a few seconds"
+            f"{model}: its process died while this request waited on it; {EngineDown.MARK} "
+            "until the server reloads it (seconds): retry"
         )
 
     def wait(self, future: Future[Any], model: str, since: int | None = None) -> Any:
