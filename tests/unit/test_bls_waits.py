@@ -42,7 +42,7 @@ def fast_polls(monkeypatch):
 def test_a_wait_returns_the_answer_while_the_model_lives():
     bls, future = Bls(None, None, Deaths()), Future()
     threading.Timer(0.05, lambda: future.set_result({"x": 1})).start()
-    assert bls.wait(future, "ctm") == {"x": 1}
+    assert bls.wait(future, "ctm", since=0) == {"x": 1}
 
 
 def test_a_wait_on_a_model_that_died_meanwhile_raises_engine_down():
@@ -61,7 +61,7 @@ def test_a_death_of_another_model_does_not_end_the_wait():
     bls, future = Bls(None, None, deaths), Future()
     deaths.kill_later("ctm", 0.02)
     threading.Timer(0.1, lambda: future.set_result("ok")).start()
-    assert bls.wait(future, "mllm") == "ok"
+    assert bls.wait(future, "mllm", since=0) == "ok"
 
 
 class Response:

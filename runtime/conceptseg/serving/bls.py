@@ -87,23 +87,27 @@ class Bls:
         self.pb_utils, self.loop = pb_utils, loop
         self.deaths: Deaths = deaths or _NoDeaths()
 
-    def _down(self, model: str) -> EngineDown:
-        return EngineDown(
-            f"{model}: its process died while this request waited on it; {EngineDown.MARK} "
-            "until the server reloads it (seconds): retry"
-        )
+    def _check_alive(self, model: str, since: int) -> None:
+        """:class:`EngineDown` if ``model`` lost a stub after ``since`` (its death count when
+        the call began)."""
+        if self.deaths.count(model) != since:
+            raise EngineDown(
+                f"{model}: its process died while this request waited on it; {EngineDown.MARK} "
+                "until the server reloads it (seconds): retry"
+            )
 
-    def wait(self, future: Future[Any], model: str, since: int | None = None) -> Any:
+    def wait(self, future: Future[Any], model: str, since: int) -> Any:
         """``future.result()``, or :class:`EngineDown` once ``model`` lost a stub after
-        ``since`` (its death count when the call began; now if None)."""
-        since = self.deaths.count(model) if since is None else since
+        ``since`` (its death count when the call began)."""
         while True:
             try:
                 return future.result(timeout=POLL_S)
             except FutureTimeout:
-                if self.deaths.count(model) != since:
+                try:
+                    self._check_alive(model, since)
+                except EngineDown:
                     future.cancel()
-                    raise self._down(model) from None
+                    raise
 
     def _request(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> Any:
         pb = self.pb_utils
@@ -161,8 +165,7 @@ class Bls:
             try:
                 response = responses.get(timeout=POLL_S)
             except queue.Empty:
-                if self.deaths.count(model) != since:
-                    raise self._down(model) from None
+                self._check_alive(model, since)
                 continue
             if response is _END:
                 return

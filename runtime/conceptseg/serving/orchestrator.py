@@ -263,7 +263,6 @@ class Orchestrator:
             ticket.finish()
             on_done(out)
         finally:
-            ticket.finish()
             with self.lock:
                 self.live.discard(ticket)
 

@@ -189,8 +189,7 @@ class Supervisor(threading.Thread):
         self.server_pid, self.repository = server_pid, repository
         self.region_prefix, self.interval_s = region_prefix, interval_s
         self.can_reload, self.on_event, self.on_dead = can_reload, on_event, on_dead
-        self.known: dict[str, int] = {}  # instance -> pid of its live stub
-        self.started: dict[int, int] = {}  # pid -> start time, of the stubs seen alive
+        self.current: dict[str, Stub] = {}  # instance -> its stub (the newest seen alive)
         self.stale_after_s = stale_after_s
         self.stale_since: dict[int, float] = {}  # pid of a replaced stub -> when first seen so
         self.events: list[Event] = []
@@ -207,44 +206,46 @@ class Supervisor(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - the watchdog must outlive a bad poll
                 self.on_event(f"supervisor: poll failed: {exc!r}")
 
+    @property
+    def known(self) -> dict[str, int]:
+        """Instance -> pid of its current stub."""
+        return {instance: stub.pid for instance, stub in self.current.items()}
+
     def dead_instances(self) -> list[Stub]:
-        """Instances whose stub died while Triton still calls the model ready; updates ``known``.
-        A known stub that is gone counts as dead unless a newer stub of its instance runs (a
-        reload): an older one still running (``reap_stale``) does not hide the death. A
-        readiness call that gets no answer (a busy server) decides nothing: asked again at the
-        next poll, so a death is never dropped for it."""
+        """Instances whose stub died while Triton still calls the model ready; updates
+        ``current``. A current stub that is gone counts as dead unless a newer stub of its
+        instance runs (a reload): an older one still running (``reap_stale``) does not hide
+        the death. A readiness call that gets no answer (a busy server) decides nothing: asked
+        again at the next poll, so a death is never dropped for it."""
         stubs = sorted((s for s in list_stubs(self.server_pid) if s.alive), key=lambda s: s.started)
         live = {s.instance: s for s in stubs}  # the newest stub of each instance
-        self.reap_stale(stubs, {i: s.pid for i, s in live.items()})
+        self.reap_stale(stubs, live)
         alive = {s.pid for s in stubs}
         dead, undecided = [], set()
-        for instance, pid in list(self.known.items()):
+        for instance, stub in list(self.current.items()):
             newest = live.get(instance)
-            if pid in alive or (newest and newest.started >= self.started.get(pid, 0)):
+            if stub.pid in alive or (newest and newest.started >= stub.started):
                 continue  # running, or replaced by a reload
-            model = instance.rsplit("_", 2)[0]
+            model = stub.model
             status = 0 if model in self.repairing else self.repository.readiness(model)
             if status == 0 and model not in self.repairing:
-                undecided.add(instance)  # keep it known
+                undecided.add(instance)  # keep it current
                 continue
-            del self.known[instance]
+            del self.current[instance]
             if status == 200:
-                dead.append(Stub(pid, instance, "", False))
+                dead.append(Stub(stub.pid, instance, "", False))
             elif model not in self.repairing:
                 self.on_event(
                     f"supervisor: stub {instance} exited with {model} not ready "
                     f"(HTTP {status}): unloaded on purpose, not a death"
                 )
         for instance, stub in live.items():
-            if instance not in undecided and (instance not in self.known or stub.started
-                                              >= self.started.get(self.known[instance], 0)):
-                self.known[instance] = stub.pid
-        self.started = {s.pid: s.started for s in stubs} | {
-            pid: self.started[pid] for pid in self.known.values() if pid in self.started
-        }
+            old = self.current.get(instance)
+            if instance not in undecided and (old is None or stub.started >= old.started):
+                self.current[instance] = stub
         return dead
 
-    def reap_stale(self, stubs: list[Stub], live: dict[str, int]) -> None:
+    def reap_stale(self, stubs: list[Stub], live: dict[str, Stub]) -> None:
         """SIGKILL a stub that a newer one of its instance replaced ``stale_after_s`` ago.
 
         After a repair, the old stubs of the model's other instances should exit once their
@@ -252,7 +253,7 @@ class Supervisor(threading.Thread):
         as long as any of its requests is unanswered, and the requests that were in flight on
         the dead stub never are. Each would hold an orchestrator's memory for good."""
         now = time.monotonic()
-        stale = {s.pid for s in stubs if live[s.instance] != s.pid}
+        stale = {s.pid for s in stubs if live[s.instance].pid != s.pid}
         for pid in stale - set(self.stale_since):
             self.stale_since[pid] = now
         for pid, since in list(self.stale_since.items()):
