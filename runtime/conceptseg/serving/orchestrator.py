@@ -22,8 +22,10 @@ Memory: the same watcher hands the heap's free pages back to the system every ``
 (glibc ``malloc_trim``). Each request allocates and frees tens of MB of arrays on many threads;
 without it, glibc keeps the freed pages in its per-thread arenas and the stub's RSS climbs for
 minutes (measured: 190 -> 235 MB in 4 minutes of fast requests, tiny engines) though nothing is
-live. ``serve`` also caps the arenas (``MALLOC_ARENA_MAX``, ``serving.server``). A slower
-growth is left (~2.5 MB a minute per orchestrator in the 10-minute soak, README).
+live. ``serve`` also caps the arenas (``MALLOC_ARENA_MAX``, ``serving.server``). No request's
+objects may form a reference cycle: the cyclic GC frees them only every minute or two, and
+the arrays they hold wait with them (a cycle through each image's future made the RSS saw-tooth
+between 140 and 180 MB; ``serving.sam3.PendingImage``).
 """
 
 from __future__ import annotations
