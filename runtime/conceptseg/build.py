@@ -44,11 +44,13 @@ def build_mllm(
     threads: int | None = None,
     prefix_cache: int = 4,
     precision: str = "fp32",
+    prefill_chunk: int = 256,
 ) -> Any:
     """The MLLM backend ``kind`` on the directory it loads (also used by the Triton ``mllm`` model).
 
     ``hf``: a ConceptSeg-R1 checkpoint, in fp32 (exact) or bf16 (``precision``); ``ort-genai``:
-    an exported ``ENGINES/mllm/<precision>``; ``trtllm``: a checkpoint written by
+    an exported ``ENGINES/mllm/<precision>`` (``prefill_chunk``: prompt tokens per prefill unit
+    when the scheduler interleaves prefills with decode steps); ``trtllm``: a checkpoint written by
     ``export/trtllm_quantize.py``.
     """
     limits = {"max_new_tokens": config.max_new_tokens, "max_length": config.max_length}
@@ -60,7 +62,7 @@ def build_mllm(
     if kind == "ort-genai":
         from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm  # lazy: onnxruntime-genai
 
-        return OrtGenaiMllm(path, threads=threads, **limits)
+        return OrtGenaiMllm(path, threads=threads, prefill_chunk=prefill_chunk, **limits)
     if kind == "trtllm":
         from conceptseg.backends.trtllm_mllm import trtllm_mllm  # lazy: TensorRT-LLM (GPU)
 

@@ -2,8 +2,10 @@
 tiny checkpoint with its decoder matrices scaled x8 (tokens vary, as in test_ortgenai_mllm.py).
 
 Every request decoded in a batch that others join and leave mid-way gives the tokens it gives
-alone, and states within 1e-4 (fp32) of alone; alone equals ``generate`` exactly. Also through
-the scheduler, with one request cancelled mid-way.
+alone, and states within 1e-4 (fp32) of alone; alone (our sessions, the prompt in chunks) gives
+``generate``'s tokens (ort-genai's generator) and states within 1e-4, whatever the chunk size.
+The M-RoPE positions are ort-genai's. Also through the scheduler, with one request cancelled
+mid-way and newcomers prefilled in units between the decode steps.
 Run: .venv/bin/pytest tests/models/test_ortgenai_batch.py -q
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
+from conceptseg.models.qwen import mrope_positions
 from conceptseg.prompt import messages
 from conceptseg.serving.scheduler import Job, Scheduler
 from conceptseg.types import Cancelled
@@ -26,6 +29,7 @@ from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm  # noqa: E402
 from conceptseg_export.mllm_export import export_mllm, sample_inputs  # noqa: E402
 
 TOKENS = 16
+CHUNK = 200  # prompt tokens per prefill unit: the sample prompt takes 5
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,8 @@ def mllm(tiny_weights, tmp_path_factory):
     save_file(scaled, weights / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path_factory.mktemp("engines-batch")
     export_mllm(weights, out, ("fp32",), verify_tokens=0)
-    return OrtGenaiMllm(out / "mllm" / "fp32", max_new_tokens=TOKENS, threads=2)
+    model_dir = out / "mllm" / "fp32"
+    return OrtGenaiMllm(model_dir, max_new_tokens=TOKENS, threads=2, prefill_chunk=CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +83,39 @@ def alone(mllm, prompts):
     return [_alone(mllm, *p) for p in prompts]
 
 
-def test_alone_equals_generate_and_tokens_vary(mllm, prompts, alone):
+def test_alone_gives_generates_tokens_and_tokens_vary(mllm, prompts, alone):
     for (msgs, images), gen in zip(prompts, alone, strict=True):
         ref = mllm.generate(msgs, images)
         assert gen.token_ids == ref.token_ids
-        np.testing.assert_array_equal(gen.hidden, ref.hidden)
+        np.testing.assert_allclose(gen.hidden, ref.hidden, rtol=0, atol=1e-4)
         assert gen.text == ref.text and gen.prompt_tokens == ref.prompt_tokens
     assert len(set(alone[0].token_ids)) >= 6, "the lively checkpoint must not echo one token"
     assert len({g.prompt_tokens for g in alone}) == 3, "the prompts must differ in length"
     assert alone[0].token_ids != alone[2].token_ids
+    assert alone[0].prompt_tokens > 4 * CHUNK, "the sample prompt must take several chunks"
+
+
+def test_positions_are_ort_genais(mllm, prompts):
+    for msgs, images in prompts:
+        inputs = mllm.prompt_inputs(msgs, images)
+        generator = mllm._generator(inputs, inputs["input_ids"].shape[1] + 1)
+        theirs = np.asarray(generator.get_input("position_ids"))[:, 0]
+        ours = mrope_positions(inputs["input_ids"][0], inputs.get("image_grid_thw"))
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_prefill_chunk_size_changes_nothing_but_rounding(mllm, prompts, alone):
+    whole = OrtGenaiMllm(mllm.model_dir, max_new_tokens=TOKENS, threads=2, prefill_chunk=10**6)
+    seq = whole.begin(*prompts[0])
+    units = 0
+    while not whole.prefill(seq):
+        units += 1
+    assert units == len(prompts[0][1]), "one unit per image, then the prompt in one chunk"
+    while not seq.done:
+        whole.step([seq])
+    gen = whole.finish(seq)
+    assert gen.token_ids == alone[0].token_ids
+    np.testing.assert_allclose(gen.hidden, alone[0].hidden, rtol=0, atol=1e-4)
 
 
 def test_staggered_batch_gives_each_its_alone_tokens_and_states(mllm, prompts, alone):

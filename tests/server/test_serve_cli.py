@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,3 +142,20 @@ def test_every_address_is_loopback_unless_asked(tmp_path):
         ServeConfig(engines=tmp_path, host="0.0.0.0"), tmp_path, tmp_path, tmp_path, "k", "p_"
     )
     assert "--http-address=0.0.0.0" in other, "an explicit --host binds elsewhere"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [("mllm_slots", -1, "--mllm-slots"), ("mllm_queue", -2, "--mllm-queue"),
+     ("mllm_prefill_chunk", 0, "--mllm-prefill-chunk")],  # fmt: skip
+)
+def test_bad_mllm_numbers_name_their_flag(tiny_engines, tmp_path, field, value, flag):
+    from conceptseg.serving.server import ServeConfig, Server
+    from conceptseg.types import RequestError
+
+    server = Server(ServeConfig(engines=tiny_engines, **{field: value}))
+    try:
+        with pytest.raises(RequestError, match=f"{flag}.*>= "):
+            server.prepare()
+    finally:
+        shutil.rmtree(server.workdir, ignore_errors=True)

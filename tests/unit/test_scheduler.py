@@ -65,6 +65,69 @@ class Stepper:
         self.released += 1
 
 
+class Chunked(Stepper):
+    """A backend whose prefill runs in ``units`` calls (``begin``/``prefill``); logs every
+    call in ``log`` as ("prefill", prompt) or ("step", prompts)."""
+
+    def __init__(self, units: int, **kw) -> None:
+        super().__init__(**kw)
+        self.units, self.log = units, []
+
+    def begin(self, messages, images, on_text=None):
+        seq = super().open(messages, images, on_text)
+        seq.left, seq.ready = self.units, False
+        if seq.prompt == "bad unit":
+            seq.left = -1
+        return seq
+
+    def prefill(self, seq):
+        if seq.left < 0:
+            raise ValueError("prefill failed")
+        self.log.append(("prefill", seq.prompt))
+        seq.left -= 1
+        seq.ready = seq.left == 0
+        return seq.ready
+
+    def step(self, seqs):
+        assert all(getattr(s, "ready", False) for s in seqs if not s.done)
+        self.log.append(("step", tuple(s.prompt for s in seqs)))
+        super().step(seqs)
+
+
+def test_a_newcomers_prefill_holds_running_decodes_for_one_unit_at_a_time():
+    backend = Chunked(units=4, budget=30, step_s=0.005)
+    sched = Scheduler(backend, slots=2, queue=0)
+    first, second = Outcome(), Outcome()
+    sched.submit(job("first", first))
+    deadline = time.monotonic() + 10
+    while not any(kind == "step" for kind, _ in backend.log):
+        assert time.monotonic() < deadline, "the first request never decoded"
+        time.sleep(0.005)
+    sched.submit(job("second", second))
+    assert first.wait().gen.token_ids == [5 + i for i in range(30)]
+    assert second.wait().gen.token_ids == [6 + i for i in range(30)]
+    sched.close()
+    log = backend.log
+    units = [i for i, (kind, who) in enumerate(log) if kind == "prefill" and who == "second"]
+    assert len(units) == 4
+    for a, b in zip(units, units[1:], strict=False):  # the running one decoded between units
+        assert any(kind == "step" and "first" in who for kind, who in log[a + 1 : b])
+    joined = next(i for i, (kind, who) in enumerate(log) if kind == "step" and "second" in who)
+    assert joined > units[-1], "it decodes only once its prefill has run"
+
+
+def test_a_prefill_unit_that_fails_fails_its_request_only():
+    backend = Chunked(units=2)
+    sched = Scheduler(backend, slots=2, queue=0)
+    bad, ok = Outcome(), Outcome()
+    sched.submit(job("bad unit", bad))
+    sched.submit(job("fine", ok))
+    assert isinstance(bad.wait().error, ValueError)
+    assert ok.wait().gen.token_ids == [4, 5, 6, 7, 8]
+    assert backend.released == 2
+    sched.close()
+
+
 class Outcome:
     def __init__(self) -> None:
         self.event = threading.Event()

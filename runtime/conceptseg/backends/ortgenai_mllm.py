@@ -13,16 +13,21 @@ way to suppress tokens, so the loop reads ``get_logits()``, applies ``models.qwe
 back with ``append_tokens``; that step's ``get_output("hidden_states")`` is the final-norm state
 of the token as input, the CTM's key (the stop token included: one extra step).
 
-Concurrent requests (``open`` / ``step`` / ``finish``, what ``serving.scheduler`` drives):
-ort-genai 0.18's ``Engine``/``Request`` continuous batching takes token ids only (no images, no
-suppressed ids, no hidden-state output), so it cannot run our decision rule. Instead each
-request's prompt runs through its own generator as above (vision, embedding, prefill), its KV
-cache is read out (``present.*``) and the generator dropped; decode steps then run the exported
-decoder ``model.onnx`` in one onnxruntime session over every running sequence at once: KV right
-padded to the longest, ``attention_mask`` ones over each row's own length (GroupQueryAttention
-reads each row's length from it), each row's own M-RoPE position (the prompt's last + 1, all
-three axes). The rule, the stop ids and the budget are per sequence. One sequence alone gives
-exactly ``generate``'s tokens; in a batch, the same tokens and states within 1e-4 (fp32).
+Concurrent requests (``begin`` / ``prefill`` / ``step`` / ``finish``, what
+``serving.scheduler`` drives): ort-genai 0.18's ``Engine``/``Request`` continuous batching takes
+token ids only (no images, no suppressed ids, no hidden-state output), so it cannot run our
+decision rule. Instead the exported graphs run in onnxruntime sessions of our own (ort-genai's
+``Model`` is not loaded for them: one copy of the weights):
+- prefill, a unit per ``prefill`` call: the vision tower on one image, then the prompt's
+  embedding and the decoder over ``prefill_chunk`` prompt tokens at a time (past KV carried),
+  with the M-RoPE positions of ``models.qwen.mrope_positions`` (ort-genai's own, checked by
+  test). A newcomer's prefill holds the running decodes for one unit at most;
+- decode steps run ``model.onnx`` over every running sequence at once: KV right padded to the
+  longest, ``attention_mask`` ones over each row's own length (GroupQueryAttention reads each
+  row's length from it), each row's own M-RoPE position (the prompt's last + 1, all three axes).
+The rule, the stop ids and the budget are per sequence. A sequence alone gives ``generate``'s
+tokens and states within 1e-4 (fp32; the prompt's attention is computed in chunks, not in one
+call); in a batch, the same tokens and states within 1e-4 of alone.
 
 Prefix reuse: not possible with this library version. ort-genai runs the vision model only on a
 generator's first ``append_tokens``/``set_inputs`` (later calls embed image placeholders with an
@@ -48,6 +53,18 @@ from conceptseg.types import RequestError
 
 
 @dataclass(eq=False)
+class Prompt:
+    """What a sequence's prefill still has to run (see ``_Stepping.prefill``)."""
+
+    input_ids: np.ndarray  # (L,) int64
+    positions: np.ndarray  # (3, L) M-RoPE
+    images: list[tuple[np.ndarray, np.ndarray]]  # not yet encoded: (pixel rows, grid (1, 3))
+    features: list[np.ndarray] = field(default_factory=list)  # encoded, in prompt order
+    embeds: np.ndarray | None = None  # (1, L, H) once every image is encoded
+    done: int = 0  # prompt tokens through the decoder
+
+
+@dataclass(eq=False)
 class Sequence:
     """One request's decoding state in a batch (its rule state, its budget, its outputs)."""
 
@@ -59,12 +76,18 @@ class Sequence:
     kv: list[np.ndarray] | None  # per layer (1, kv_heads, length, head) until it joins a batch
     length: int  # KV entries held
     stream: TextStream | None
-    prefill_ms: float
-    started: float = field(default_factory=time.perf_counter)
+    prefill_ms: float = 0.0  # compute time of its prefill units
+    prompt: Prompt | None = None  # while its prefill runs
+    started: float = field(default_factory=time.perf_counter)  # decoding's start
     tokens: list[int] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     stopped: bool = False
     done: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Its prefill has run: it decodes at the next ``step``."""
+        return self.prompt is None
 
 
 def _session_options(threads: int | None) -> Any:
@@ -77,18 +100,99 @@ def _session_options(threads: int | None) -> Any:
 
 
 class _Stepping:
-    """``open``/``step``/``finish``: batched decode steps over concurrent sequences (mixed into
-    :class:`OrtGenaiMllm`; the module docstring says how)."""
+    """``begin``/``prefill``/``step``/``finish``: chunked prefill and batched decode steps over
+    concurrent sequences (mixed into :class:`OrtGenaiMllm`; the module docstring says how)."""
 
     def _sessions(self: Any) -> None:
         import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
 
         if self._decoder is None:
             options = _session_options(self.threads)
+            self._vision = ort.InferenceSession(str(self.model_dir / "vision.onnx"), options)
             self._embed = ort.InferenceSession(str(self.model_dir / "embedding.onnx"), options)
             decoder = ort.InferenceSession(str(self.model_dir / "model.onnx"), options)
             self._decoder = decoder
             self._layers = sum(i.name.endswith(".key") for i in decoder.get_inputs())
+            past = next(i for i in decoder.get_inputs() if i.name.endswith(".key"))
+            self._kv_shape = (past.shape[1], self.genai_config()["decoder"]["head_size"])
+
+    def begin(
+        self: Any,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        on_text: OnText | None = None,
+    ) -> Sequence:
+        """A request's sequence, its prompt processed (template, tokens, pixels) and nothing
+        run yet: ``prefill`` runs it a unit at a time, then it joins the batch at ``step``."""
+        self._sessions()
+        inputs = self.prompt_inputs(messages, images)
+        seen = np.asarray(inputs["input_ids"][0], dtype=np.int64)
+        prompt = len(seen)
+        budget = max(0, min(self.max_new_tokens, self.max_length - prompt))
+        grids = None
+        if "image_grid_thw" in inputs:
+            grids = np.asarray(inputs["image_grid_thw"], np.int64)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        if grids is not None:
+            pixels = np.asarray(inputs["pixel_values"], np.float32)
+            offsets = np.concatenate([[0], np.cumsum(grids.prod(-1))])
+            parts = [(pixels[offsets[i] : offsets[i + 1]], grids[i : i + 1])
+                     for i in range(len(grids))]  # fmt: skip
+        merge = int(self.genai_config()["vision"].get("spatial_merge_size", 2))
+        positions = qwen.mrope_positions(seen, grids, merge)
+        heads, head = self._kv_shape
+        empty = np.zeros((1, heads, 0, head), np.float32)
+        seq = Sequence(seen, prompt, budget, int(positions.max()) + 1, np.zeros(0, np.float32),
+                       [empty] * (2 * self._layers), 0,
+                       tokenizer_stream(self.processor.tokenizer, on_text),
+                       prompt=Prompt(seen, positions, parts))  # fmt: skip
+        return seq
+
+    def prefill(self: Any, seq: Sequence) -> bool:
+        """Run one unit of ``seq``'s prefill (one image through the vision tower, or the decoder
+        over up to ``prefill_chunk`` prompt tokens); True once it is ready to decode."""
+        work = seq.prompt
+        if work is None:
+            return True
+        t0 = time.perf_counter()
+        if work.images:
+            pixels, grid = work.images.pop(0)
+            feeds = {"pixel_values": pixels, "image_grid_thw": grid}
+            work.features.append(self._vision.run(None, feeds)[0])
+        else:
+            if work.embeds is None:
+                features = (np.concatenate(work.features) if work.features
+                            else np.zeros((0, self.hidden_size()), np.float32))  # fmt: skip
+                feeds = {"input_ids": work.input_ids[None], "image_features": features}
+                work.embeds = self._embed.run(None, feeds)[0]
+                work.features = []
+            stop = min(work.done + self.prefill_chunk, len(work.input_ids))
+            logits, present = self._chunk(seq.kv, work.embeds[:, work.done : stop],
+                                          work.positions[:, work.done : stop], stop)  # fmt: skip
+            seq.kv, seq.length, work.done = present, stop, stop
+            if stop == len(work.input_ids):
+                seq.logits, seq.prompt = logits[0, -1], None
+                seq.done = seq.budget == 0
+        seq.prefill_ms += (time.perf_counter() - t0) * 1e3
+        if seq.prompt is None:
+            seq.started = time.perf_counter()
+        return seq.prompt is None
+
+    def _chunk(self: Any, kv: list[np.ndarray], embeds: np.ndarray, positions: np.ndarray,
+               total: int) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
+        """The decoder over one chunk of a prompt: (logits of its last token, present KV)."""
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.ascontiguousarray(positions[:, None, :]),
+        }
+        for i in range(self._layers):
+            feeds[f"past_key_values.{i}.key"] = kv[2 * i]
+            feeds[f"past_key_values.{i}.value"] = kv[2 * i + 1]
+        names = ["logits"] + [f"present.{i}.{k}" for i in range(self._layers)
+                              for k in ("key", "value")]  # fmt: skip
+        logits, *present = self._decoder.run(names, feeds)
+        return logits, present
 
     def open(
         self: Any,
@@ -96,31 +200,17 @@ class _Stepping:
         images: list[Image.Image],
         on_text: OnText | None = None,
     ) -> Sequence:
-        """Prefill one request (vision, embedding, prompt); it joins the batch at ``step``."""
-        self._sessions()
-        inputs = self.prompt_inputs(messages, images)
-        seen = np.asarray(inputs["input_ids"][0], dtype=np.int64)
-        prompt = len(seen)
-        budget = max(0, min(self.max_new_tokens, self.max_length - prompt))
-        t0 = time.perf_counter()
-        generator = self._generator(inputs, prompt + 1)
-        logits = np.asarray(generator.get_logits(), np.float32).reshape(-1)
-        kv = []
-        for i in range(self._layers):  # (1, kv_heads, max_length, head): the prompt's part
-            for kind in ("key", "value"):
-                kv.append(np.array(generator.get_output(f"present.{i}.{kind}")[:, :, :prompt]))
-        position = int(np.asarray(generator.get_input("position_ids")).max()) + 1
-        del generator  # its KV buffer: the copy above is the sequence's own
-        stream = tokenizer_stream(self.processor.tokenizer, on_text)
-        prefill_ms = (time.perf_counter() - t0) * 1e3
-        seq = Sequence(seen, prompt, budget, position, logits, kv, prompt, stream, prefill_ms)
-        seq.done = budget == 0
+        """``begin`` and the whole prefill: the sequence joins the batch at the next ``step``."""
+        seq = self.begin(messages, images, on_text)
+        while not self.prefill(seq):
+            pass
         return seq
 
     def step(self: Any, seqs: list[Sequence]) -> None:
         """One token for every running sequence in ``seqs``: choose it (each by its own rule),
         then feed the chosen tokens through the decoder in one batch for their states."""
         live = [s for s in seqs if not s.done]
+        assert all(s.ready for s in live), "a sequence whose prefill has not run cannot step"
         if not live:
             return
         chosen = []
@@ -203,7 +293,7 @@ class _Stepping:
             seq.stream.finish(text)
         empty = np.zeros((0, self.hidden_size()), np.float32)
         hidden = np.stack(seq.states) if seq.states else empty
-        decode_ms = (time.perf_counter() - seq.started) * 1e3 - seq.prefill_ms
+        decode_ms = (time.perf_counter() - seq.started) * 1e3  # since its prefill ended
         return Generation(text, seq.tokens, hidden, seq.prompt_tokens, seq.stopped,
                           seq.prefill_ms, decode_ms)  # fmt: skip
 
@@ -218,9 +308,8 @@ class OrtGenaiMllm(_Stepping):
         max_new_tokens: int = 768,
         max_length: int = 2816,
         threads: int | None = None,
+        prefill_chunk: int = 256,
     ) -> None:
-        import onnxruntime_genai as og  # optional: the ort-genai extra
-
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "genai_config.json").exists():
             raise RequestError(
@@ -228,17 +317,13 @@ class OrtGenaiMllm(_Stepping):
                 f"{self.model_dir} has no genai_config.json; export the MLLM with "
                 "`conceptseg export --weights DIR --out ENGINES --parts mllm`",
             )
-        config = og.Config(str(self.model_dir))
-        config.clear_providers()  # CPU
-        if threads:
-            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-            sections = ("decoder", "embedding", "vision")
-            config.overlay(
-                json.dumps({"model": {s: {"session_options": options} for s in sections}})
-            )
-        self.model = og.Model(config)
+        if prefill_chunk < 1:
+            raise RequestError("prefill_chunk", f"{prefill_chunk} must be >= 1 (prompt tokens)")
         self.threads = threads
-        self._decoder: Any = None  # the batched decode session, made at the first ``open``
+        self.prefill_chunk = prefill_chunk
+        self._model: Any = None  # ort-genai's Model, for ``generate``/``decode`` only
+        self._decoder: Any = None  # our sessions (``begin``/``step``), made at the first ``begin``
+        self._vision: Any = None
         self._embed: Any = None
         self._batch: tuple[tuple[int, ...], list[np.ndarray]] | None = None  # (seq ids, KV)
         self.processor = qwen.load_processor(self.model_dir.parent / "processor")
@@ -246,6 +331,31 @@ class OrtGenaiMllm(_Stepping):
         self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
+
+    @property
+    def model(self) -> Any:
+        """ort-genai's ``Model`` (vision, embedding, decoder), loaded at first use: the serving
+        path (``begin``/``step``) runs its own sessions and never loads it."""
+        if self._model is None:
+            import onnxruntime_genai as og  # optional: the ort-genai extra
+
+            config = og.Config(str(self.model_dir))
+            config.clear_providers()  # CPU
+            if self.threads:
+                options = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
+                sections = ("decoder", "embedding", "vision")
+                config.overlay(
+                    json.dumps({"model": {s: {"session_options": options} for s in sections}})
+                )
+            self._model = og.Model(config)
+        return self._model
+
+    def genai_config(self) -> dict[str, Any]:
+        """``genai_config.json``'s ``model`` section (the graphs' shapes and ids)."""
+        if not hasattr(self, "_genai_config"):
+            config = json.loads((self.model_dir / "genai_config.json").read_text())
+            self._genai_config: dict[str, Any] = config["model"]
+        return self._genai_config
 
     def prompt_inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
         return qwen.chat_inputs(self.processor, messages, images, tensors="np")
@@ -326,7 +436,4 @@ class OrtGenaiMllm(_Stepping):
         return Generation(text, tokens, hidden, prompt_tokens, stopped, prefill_ms, decode_ms)
 
     def hidden_size(self) -> int:
-        if not hasattr(self, "_hidden_size"):
-            config = json.loads((self.model_dir / "genai_config.json").read_text())
-            self._hidden_size = int(config["model"]["decoder"]["hidden_size"])
-        return self._hidden_size
+        return int(self.genai_config()["decoder"]["hidden_size"])

@@ -7,6 +7,8 @@
   suppressed, greedy (first maximum). ``qwen_torch`` is its twin for backends that hold torch
   logits; tests check the two agree.
 - chat inputs: the processor's chat template and image processing, one call for all backends.
+- M-RoPE positions of a prompt (transformers' ``get_rope_index`` for images), for backends that
+  run the decoder themselves.
 """
 
 from __future__ import annotations
@@ -120,3 +122,39 @@ def chat_inputs(
     """``input_ids``, ``pixel_values``, ``image_grid_thw``... of one prompt (``tensors``: "np"
     or "pt"), images in the order of the messages' image entries."""
     return processor(text=[chat_text(processor, messages)], images=images, return_tensors=tensors)
+
+
+def mrope_positions(
+    input_ids: np.ndarray, image_grid_thw: np.ndarray | None, merge: int = 2
+) -> np.ndarray:
+    """(3, L) int64 temporal/height/width positions of a prompt with images (no videos).
+
+    As transformers' ``Qwen2_5_VLModel.get_rope_index``: text runs on all three axes from the
+    last position + 1; an image's ``t*(h/merge)*(w/merge)`` placeholder tokens take the start
+    position plus (0, row, column) (an image's time index is 0); the next text starts after the
+    image's largest position. The next generated token's position is ``max + 1`` on all axes.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw)
+    out = np.empty((3, len(ids)), np.int64)
+    pads = np.flatnonzero(ids == IMAGE_PAD_ID)
+    cursor, start, used = 0, 0, 0  # next token, its position, image placeholders consumed
+    for t, h, w in grids.astype(np.int64):
+        count = int(t * (h // merge) * (w // merge))
+        if used + count > len(pads):
+            raise ValueError(f"image_grid_thw asks for {used + count} image tokens, "
+                             f"input_ids hold {len(pads)}")  # fmt: skip
+        first = int(pads[used])
+        text = first - cursor
+        out[:, cursor:first] = start + np.arange(text)
+        start += text
+        rows = np.arange(h // merge).repeat(w // merge)
+        cols = np.tile(np.arange(w // merge), h // merge)
+        block = np.stack([np.zeros(count, np.int64), np.tile(rows, t), np.tile(cols, t)])
+        out[:, first : first + count] = start + block
+        start = int(out[:, first : first + count].max()) + 1
+        cursor, used = first + count, used + count
+    if used != len(pads):
+        raise ValueError(f"input_ids hold {len(pads)} image tokens, image_grid_thw {used}")
+    out[:, cursor:] = start + np.arange(len(ids) - cursor)
+    return out

@@ -82,7 +82,8 @@ def build_mllm(params: dict[str, str], config: PipelineConfig) -> Any:
     """
     prefix_cache = int(params.get("prefix_cache", 4))
     return build(params["mllm_backend"], Path(params["mllm_path"]), config,
-                 prefix_cache=prefix_cache, precision=params.get("mllm_precision", "fp32"))  # fmt: skip
+                 prefix_cache=prefix_cache, precision=params.get("mllm_precision", "fp32"),
+                 prefill_chunk=int(params.get("prefill_chunk", 256)))  # fmt: skip
 
 
 def build_scheduler(params: dict[str, str], mllm: Any) -> Scheduler:

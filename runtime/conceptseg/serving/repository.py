@@ -97,6 +97,7 @@ class RepoOptions:
     # default, serving.mllm_model.DEFAULT_SLOTS; hf: always 1) and how many wait behind them
     mllm_slots: int = 0
     mllm_queue: int = 8
+    mllm_prefill_chunk: int = 256  # ort-genai: prompt tokens per prefill unit (scheduler turn)
     # per orchestrator instance: requests in flight, of which at most max_reasoning in the MLLM
     # step (the rest serve router probes and fast paths); Triton's queue in front of them
     max_requests: int = 12
@@ -291,6 +292,7 @@ def model_values(
                 "prefix_cache": opts.prefix_cache,
                 "max_generations": opts.mllm_slots,
                 "max_queued": opts.mllm_queue,
+                "prefill_chunk": opts.mllm_prefill_chunk,
                 "pipeline_config": config,
             },
         ),

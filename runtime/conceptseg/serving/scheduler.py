@@ -9,9 +9,13 @@ requests cannot be cancelled in Triton 2.51) leaves at the next step with
 
 Two ways to drive a backend, chosen by what it offers:
 - stepping (``open``/``step``/``finish``/``release``: ort-genai): continuous batching on one
-  loop thread. Each turn: drop gone jobs, admit one newcomer (its prefill), run one batched
-  decode step over every running sequence, hand finished ones back. Each sequence keeps its own
-  rule state, stop ids, budget, text stream and states (the backend's ``Sequence``).
+  loop thread. Each turn: drop gone jobs, admit one newcomer, run one unit of the oldest
+  unfinished prefill, one batched decode step over every sequence whose prefill has run, hand
+  finished ones back. A backend with ``begin``/``prefill`` (ort-genai) splits a prefill into
+  units (an image through the vision tower, a chunk of prompt tokens through the decoder), so a
+  newcomer holds the running decodes for one unit at a time; one without runs ``open`` whole.
+  Each sequence keeps its own rule state, stop ids, budget, text stream and states (the
+  backend's ``Sequence``).
 - whole generations (``generate`` only: hf, trtllm): ``slots`` threads, one generation each;
   cancellation is checked at each text delta. trtllm batches the concurrent calls itself
   (in-flight batching); hf, the exact reference, is given one slot.
@@ -182,8 +186,9 @@ class Scheduler:
             self._turn()
 
     def _open(self, job: Job) -> None:
+        start = getattr(self.backend, "begin", self.backend.open)  # begin: prefill by units
         try:
-            seq = self.backend.open(job.messages, job.images, on_text=job.on_text)
+            seq = start(job.messages, job.images, on_text=job.on_text)
         except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
             self._settle(job, error=exc)
             return
@@ -191,7 +196,7 @@ class Scheduler:
             self.running[job] = seq
 
     def _turn(self) -> None:
-        """Drop gone jobs, one batched step, hand back the finished."""
+        """Drop gone jobs, one prefill unit, one batched step, hand back the finished."""
         with self.cond:
             batch = [(job, seq) for job, seq in self.running.items() if seq is not None]
         live = []
@@ -201,6 +206,18 @@ class Scheduler:
                 self._settle(job, error=Cancelled("while generating"))
             else:
                 live.append((job, seq))
+        prefilling = [pair for pair in live if not getattr(pair[1], "ready", True)]
+        if prefilling:  # the oldest first (admission order)
+            job, seq = prefilling[0]
+            try:
+                self.backend.prefill(seq)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                self.backend.release(seq)
+                self._settle(job, error=exc)
+                live.remove((job, seq))
+        live = [pair for pair in live if getattr(pair[1], "ready", True)]
+        if not live:
+            return
         try:
             self.backend.step([seq for _, seq in live])
         except Exception as exc:  # noqa: BLE001 - the step failed: its sequences fail, not the model

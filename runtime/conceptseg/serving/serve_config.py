@@ -61,6 +61,9 @@ class ServeConfig:
         0, "generations the MLLM runs at once (default: hf 1, ort-genai 4, trtllm 8)"
     )
     mllm_queue: int = _flag(8, "generations waiting behind them; past that: UNAVAILABLE")
+    mllm_prefill_chunk: int = _flag(
+        256, "ort-genai: prompt tokens per prefill unit (a newcomer holds running decodes that long)"
+    )
     # another Triton build (gpu: with the tensorrt backend), used as it is: both or neither
     tritonserver: Path | None = _flag(
         None, "another Triton build's binary (gpu; with --backend-dir)"

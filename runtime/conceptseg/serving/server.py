@@ -270,6 +270,11 @@ class Server:
                 "--tritonserver/--backend-dir",
                 "give both (another Triton build) or neither (the pytriton wheel's server)",
             )
+        for flag, value, least in (("--mllm-slots", cfg.mllm_slots, 0),
+                                   ("--mllm-queue", cfg.mllm_queue, 0),
+                                   ("--mllm-prefill-chunk", cfg.mllm_prefill_chunk, 1)):  # fmt: skip
+            if value < least:
+                raise RequestError(flag, f"{value} must be >= {least}")
         install = None if external else find_triton()
         opts = RepoOptions(
             orchestrator_instances=cfg.orchestrator_instances,
@@ -281,6 +286,7 @@ class Server:
             sam3_precision=cfg.sam3_precision,
             mllm_slots=cfg.mllm_slots,
             mllm_queue=cfg.mllm_queue,
+            mllm_prefill_chunk=cfg.mllm_prefill_chunk,
         )
         try:
             repo = build_repository(cfg.profile, engines, self.workdir / "repo", opts, plans)
