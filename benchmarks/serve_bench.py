@@ -208,6 +208,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process-repeats", type=int, default=5, help="serve: in-process runs")
     parser.add_argument("--mllm-backend", default="", help="serve: hf (default) or ort-genai")
     parser.add_argument("--mllm-slots", type=int, default=0, help="serve: generations at once")
+    parser.add_argument(
+        "--precision", default="fp32", help="serve (ort-genai): ENGINES/mllm/<precision>"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -66,3 +66,16 @@ def test_csv_rows_in_milliseconds():
                        "p90_ms": 105.952, "p99_ms": 132.802, "server_queue_ms": 2.122,
                        "server_compute_ms": 86.722}  # fmt: skip
     assert rows[1]["concurrency"] == 2 and rows[1]["p99_ms"] == pytest.approx(143.786)
+
+
+def test_bench_serve_takes_the_ort_genai_precision():
+    import argparse
+
+    from conceptseg.benchmark import common_args
+
+    parser = argparse.ArgumentParser()
+    common_args(parser)
+    serve_bench.add_args(parser)
+    args = parser.parse_args(["--mllm-backend", "ort-genai", "--precision", "int4"])
+    assert args.precision == "int4"
+    assert parser.parse_args([]).precision == "fp32"
