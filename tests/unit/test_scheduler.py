@@ -71,9 +71,11 @@ class Chunked(Stepper):
 
     def __init__(self, units: int, **kw) -> None:
         super().__init__(**kw)
-        self.units, self.log = units, []
+        self.units, self.log, self.begin_s = units, [], 0.0
 
     def begin(self, messages, images, on_text=None):
+        self.log.append(("begin", threading.current_thread().name))
+        time.sleep(self.begin_s)
         seq = super().open(messages, images, on_text)
         seq.left, seq.ready = self.units, False
         if seq.prompt == "bad unit":
@@ -114,6 +116,30 @@ def test_a_newcomers_prefill_holds_running_decodes_for_one_unit_at_a_time():
         assert any(kind == "step" and "first" in who for kind, who in log[a + 1 : b])
     joined = next(i for i, (kind, who) in enumerate(log) if kind == "step" and "second" in who)
     assert joined > units[-1], "it decodes only once its prefill has run"
+
+
+def test_begin_runs_beside_the_loop_so_decodes_go_on_meanwhile():
+    backend = Chunked(units=1, budget=1000, step_s=0.002)
+    sched = Scheduler(backend, slots=2, queue=0)
+    first, second = Outcome(), Outcome()
+    sched.submit(job("first", first, request_id="f"))
+    deadline = time.monotonic() + 10
+    while not any(kind == "step" for kind, _ in backend.log):
+        assert time.monotonic() < deadline, "the first request never decoded"
+        time.sleep(0.005)
+    backend.begin_s = 0.3
+    sched.submit(job("second", second))
+    time.sleep(0.5)
+    sched.cancel("f")
+    assert isinstance(first.wait().error, Cancelled)
+    assert second.wait().gen is not None
+    sched.close()
+    begins = [i for i, (kind, _) in enumerate(backend.log) if kind == "begin"]
+    assert {backend.log[i][1] for i in begins} == {"mllm-prepare"}
+    between = backend.log[begins[1] + 1 :]
+    prefilled = next(i for i, (kind, who) in enumerate(between) if kind == "prefill")
+    steps = [e for e in between[:prefilled] if e[0] == "step"]
+    assert len(steps) >= 20, f"the running request stalled while the newcomer began: {steps}"
 
 
 def test_a_prefill_unit_that_fails_fails_its_request_only():

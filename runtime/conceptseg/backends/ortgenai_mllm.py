@@ -96,6 +96,8 @@ def _session_options(threads: int | None) -> Any:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # idle intra-op threads sleep, as the engines' sessions (backends/ort.py says why)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

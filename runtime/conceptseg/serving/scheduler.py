@@ -13,7 +13,9 @@ Two ways to drive a backend, chosen by what it offers:
   unfinished prefill, one batched decode step over every sequence whose prefill has run, hand
   finished ones back. A backend with ``begin``/``prefill`` (ort-genai) splits a prefill into
   units (an image through the vision tower, a chunk of prompt tokens through the decoder), so a
-  newcomer holds the running decodes for one unit at a time; one without runs ``open`` whole.
+  newcomer holds the running decodes for one unit at a time; its ``begin`` (chat template,
+  tokens, pixels: CPU work in Python) runs on a second thread, beside the loop. A backend
+  without them runs ``open`` whole, on the loop.
   Each sequence keeps its own rule state, stop ids, budget, text stream and states (the
   backend's ``Sequence``).
 - whole generations (``generate`` only: hf, trtllm): ``slots`` threads, one generation each;
@@ -87,6 +89,13 @@ class Scheduler:
             threading.Thread(target=target, name=f"mllm-scheduler-{i}", daemon=True)
             for i in range(count)
         ]
+        # begin off the loop: one thread, so the backend's processor is never used concurrently
+        self.chunked = self.stepping and all(hasattr(backend, n) for n in ("begin", "prefill"))
+        self.preparing: deque[Job] = deque()
+        if self.chunked:
+            self.threads.append(
+                threading.Thread(target=self._prepare, name="mllm-prepare", daemon=True)
+            )
         for thread in self.threads:
             thread.start()
 
@@ -181,24 +190,48 @@ class Scheduler:
                 job = self._admit()
             for dropped in gone:
                 self._settle(dropped, error=Cancelled("while queued"))
-            if job is not None:
+            if job is not None and self.chunked:
+                with self.cond:
+                    self.preparing.append(job)
+                    self.cond.notify_all()
+            elif job is not None:
                 self._open(job)
-            self._turn()
+            if not self._turn():
+                with self.cond:  # every admitted job is still being prepared
+                    self.cond.wait(self.idle_s)
+
+    def _prepare(self) -> None:
+        """``begin`` of each admitted job, in admission order (chunked backends)."""
+        while True:
+            with self.cond:
+                while not self.closed and not self.preparing:
+                    self.cond.wait(self.idle_s)
+                if self.closed:
+                    return
+                job = self.preparing.popleft()
+            self._open(job)
 
     def _open(self, job: Job) -> None:
-        start = getattr(self.backend, "begin", self.backend.open)  # begin: prefill by units
+        start = self.backend.begin if self.chunked else self.backend.open
         try:
             seq = start(job.messages, job.images, on_text=job.on_text)
         except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
             self._settle(job, error=exc)
             return
         with self.cond:
-            self.running[job] = seq
+            if job in self.running:  # not answered meanwhile (close)
+                self.running[job] = seq
+                self.cond.notify_all()
+                return
+        self.backend.release(seq)
 
-    def _turn(self) -> None:
-        """Drop gone jobs, one prefill unit, one batched step, hand back the finished."""
+    def _turn(self) -> bool:
+        """Drop gone jobs, one prefill unit, one batched step, hand back the finished; False
+        when there was no sequence to work on."""
         with self.cond:
             batch = [(job, seq) for job, seq in self.running.items() if seq is not None]
+        if not batch:
+            return False
         live = []
         for job, seq in batch:
             if job.gone():
@@ -217,14 +250,14 @@ class Scheduler:
                 live.remove((job, seq))
         live = [pair for pair in live if getattr(pair[1], "ready", True)]
         if not live:
-            return
+            return True
         try:
             self.backend.step([seq for _, seq in live])
         except Exception as exc:  # noqa: BLE001 - the step failed: its sequences fail, not the model
             for job, seq in live:
                 self.backend.release(seq)
                 self._settle(job, error=exc)
-            return
+            return True
         for job, seq in live:
             if seq.done:
                 try:
@@ -235,6 +268,7 @@ class Scheduler:
                     continue
                 self.backend.release(seq)
                 self._settle(job, gen)
+        return True
 
     # --- whole-generation backends: a thread per slot -------------------------------------------
 
