@@ -22,8 +22,10 @@ decision rule. Instead the exported graphs run in onnxruntime sessions of our ow
   embedding and the decoder over ``prefill_chunk`` prompt tokens at a time (past KV carried),
   with the M-RoPE positions of ``models.qwen.mrope_positions`` (ort-genai's own, checked by
   test). A newcomer's prefill holds the running decodes for one unit at most;
-- decode steps run ``model.onnx`` over every running sequence at once: KV right padded to the
-  longest, ``attention_mask`` ones over each row's own length (GroupQueryAttention reads each
+- decode steps run ``model.onnx`` over every running sequence at once: one KV buffer per layer
+  with room for every row's budget, bound as both past and present (IOBinding), so
+  GroupQueryAttention writes each row's new entry in place instead of copying the cache each
+  step; ``attention_mask`` ones over each row's own length (GroupQueryAttention reads each
   row's length from it), each row's own M-RoPE position (the prompt's last + 1, all three axes).
 The rule, the stop ids and the budget are per sequence. A sequence alone gives ``generate``'s
 tokens and states within 1e-4 (fp32; the prompt's attention is computed in chunks, not in one
@@ -223,7 +225,7 @@ class _Stepping:
             if seq.stream is not None:
                 seq.stream.push(token)
             chosen.append(token)
-        kv = self._batch_kv(live)
+        values = self._batch_kv(live)
         width = max(s.length for s in live) + 1  # KV slots after this step
         mask = np.zeros((len(live), width), np.int64)
         for row, seq in enumerate(live):
@@ -231,21 +233,21 @@ class _Stepping:
         ids = np.array(chosen, np.int64)[:, None]  # (B, 1)
         no_image = np.zeros((0, self.hidden_size()), np.float32)
         embeds = self._embed.run(None, {"input_ids": ids, "image_features": no_image})[0]
-        feeds = {
-            "inputs_embeds": embeds,
-            "attention_mask": mask,
-            "position_ids": np.repeat(np.array([[s.position] for s in live], np.int64)[None], 3, 0),
-        }
-        for i in range(self._layers):
-            feeds[f"past_key_values.{i}.key"] = kv[2 * i]
-            feeds[f"past_key_values.{i}.value"] = kv[2 * i + 1]
-        names = ["logits", "hidden_states"] + [
-            f"present.{i}.{k}" for i in range(self._layers) for k in ("key", "value")
-        ]
-        logits, hidden, *present = self._decoder.run(names, feeds)
-        self._batch = (tuple(id(s) for s in live), present)
+        positions = np.repeat(np.array([[s.position] for s in live], np.int64)[None], 3, 0)
+        io = self._decoder.io_binding()
+        io.bind_output("logits")
+        io.bind_output("hidden_states")
+        io.bind_cpu_input("inputs_embeds", embeds)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        for i in range(self._layers):  # past and present share one buffer: written in place
+            for j, kind in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", values[2 * i + j])
+                io.bind_ortvalue_output(f"present.{i}.{kind}", values[2 * i + j])
+        self._decoder.run_with_iobinding(io)
+        logits, hidden = (v.numpy() for v in io.get_outputs()[:2])
         for row, seq in enumerate(live):
-            seq.logits = logits[row, -1]
+            seq.logits = np.array(logits[row, -1], np.float32)
             seq.states.append(np.array(hidden[row, -1], np.float32))
             seq.length += 1
             seq.position += 1
@@ -254,12 +256,17 @@ class _Stepping:
             elif len(seq.tokens) >= seq.budget:
                 seq.done = True
 
-    def _batch_kv(self: Any, live: list[Sequence]) -> list[np.ndarray]:
-        """The batch's KV per layer (B, kv_heads, P, head), right padded: last step's present
-        when the batch is the same sequences, else rebuilt from each row's own part."""
+    def _batch_kv(self: Any, live: list[Sequence]) -> list[Any]:
+        """The batch's KV buffers per layer (B, kv_heads, capacity, head; OrtValues over numpy
+        arrays): past and present of every step, ONNX Runtime's GroupQueryAttention writing each
+        row's new entry at its own length (no copy of the cache per step). Kept while the batch
+        is the same sequences; else rebuilt from each row's own part, with room for every row's
+        remaining budget."""
+        import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
+
         key = tuple(id(s) for s in live)
         if self._batch is not None and self._batch[0] == key:
-            return self._batch[1]
+            return self._batch[2]
         previous = {k: row for row, k in enumerate(self._batch[0])} if self._batch else {}
         rows = []
         for seq in live:  # each row's own KV (1, kv_heads, length, head) per layer
@@ -267,24 +274,32 @@ class _Stepping:
                 row = previous[id(seq)]
                 seq.kv = [a[row : row + 1, :, : seq.length] for a in self._batch[1]]
             rows.append(seq.kv)
-        width = max(s.length for s in live)
-        kv = []
+        capacity = max(s.length + s.budget - len(s.tokens) + 1 for s in live)
+        arrays = []
         for layer in range(len(rows[0])):
             parts = [r[layer] for r in rows]
-            out = np.zeros((len(parts), *parts[0].shape[1:2], width, parts[0].shape[3]), np.float32)
+            heads, head = parts[0].shape[1], parts[0].shape[3]
+            out = np.zeros((len(parts), heads, capacity, head), np.float32)
             for b, part in enumerate(parts):
                 out[b, :, : part.shape[2]] = part
-            kv.append(out)
+            arrays.append(out)
         for seq in live:
             seq.kv = None  # held by the batch from now on
-        return kv
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # the same memory
+        self._batch = (key, arrays, values)
+        return values
 
     def release(self: Any, seq: Sequence) -> None:
-        """``seq`` leaves the batch (finished or cancelled): its rows go, the others' stay."""
+        """``seq`` leaves the batch (finished or cancelled): its row goes, the others' stay
+        (copied into buffers one row smaller)."""
         if self._batch is not None and id(seq) in self._batch[0]:
-            ids = self._batch[0]
+            import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
+
+            ids, arrays, _ = self._batch
             keep = [i for i, k in enumerate(ids) if k != id(seq)]
-            self._batch = (tuple(ids[i] for i in keep), [a[keep] for a in self._batch[1]])
+            kept = [a[keep] for a in arrays]
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kept]
+            self._batch = (tuple(ids[i] for i in keep), kept, values)
         seq.kv, seq.done = None, True
 
     def finish(self: Any, seq: Sequence) -> Generation:
@@ -327,7 +342,7 @@ class OrtGenaiMllm(_Stepping):
         self._decoder: Any = None  # our sessions (``begin``/``step``), made at the first ``begin``
         self._vision: Any = None
         self._embed: Any = None
-        self._batch: tuple[tuple[int, ...], list[np.ndarray]] | None = None  # (seq ids, KV)
+        self._batch: tuple[tuple[int, ...], list[np.ndarray], list[Any]] | None = None
         self.processor = qwen.load_processor(self.model_dir.parent / "processor")
         rule = qwen.stop_rule(self.model_dir.parent / "processor")
         self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
