@@ -165,3 +165,16 @@ def test_scheduler_eight_overlapping_requests_and_a_cancel(mllm, prompts, alone)
         assert results[i].token_ids == ref.token_ids, i
         np.testing.assert_allclose(results[i].hidden, ref.hidden, rtol=0, atol=1e-4)
     assert sched.peak == 4
+
+
+def test_an_unchanged_batch_steps_in_its_own_kv_buffers(mllm, prompts):
+    seqs = [mllm.open(*prompts[0]), mllm.open(*prompts[2])]
+    mllm.step(seqs)
+    buffers = [id(a) for a in mllm._batch[1]]
+    for _ in range(3):
+        mllm.step(seqs)
+    assert [id(a) for a in mllm._batch[1]] == buffers, "the cache was copied during a step"
+    capacity = mllm._batch[1][0].shape[2]
+    assert capacity >= max(s.prompt_tokens + s.budget for s in seqs)
+    for seq in seqs:
+        mllm.release(seq)
