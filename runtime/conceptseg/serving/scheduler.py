@@ -89,7 +89,8 @@ class Scheduler:
             threading.Thread(target=target, name=f"mllm-scheduler-{i}", daemon=True)
             for i in range(count)
         ]
-        # begin off the loop: one thread, so the backend's processor is never used concurrently
+        # begin off the loop, on one thread: the processor's template, image processing and
+        # tokenizer encode never run concurrently (the loop only decodes ids to text)
         self.chunked = self.stepping and all(hasattr(backend, n) for n in ("begin", "prefill"))
         self.preparing: deque[Job] = deque()
         if self.chunked:
