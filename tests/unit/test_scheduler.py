@@ -142,18 +142,6 @@ def test_begin_runs_beside_the_loop_so_decodes_go_on_meanwhile():
     assert len(steps) >= 20, f"the running request stalled while the newcomer began: {steps}"
 
 
-def test_a_prefill_unit_that_fails_fails_its_request_only():
-    backend = Chunked(units=2)
-    sched = Scheduler(backend, slots=2, queue=0)
-    bad, ok = Outcome(), Outcome()
-    sched.submit(job("bad unit", bad))
-    sched.submit(job("fine", ok))
-    assert isinstance(bad.wait().error, ValueError)
-    assert ok.wait().gen.token_ids == [4, 5, 6, 7, 8]
-    assert backend.released == 2
-    sched.close()
-
-
 class Outcome:
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -246,14 +234,20 @@ def test_a_queued_job_cancelled_never_runs(stepper):
     sched.close()
 
 
-def test_failures_stay_with_their_request(stepper):
-    sched = Scheduler(stepper, slots=4, queue=0)
+@pytest.mark.parametrize(
+    ("backend", "bad_prompt", "released"),
+    [(Stepper(), "bad", 1), (Chunked(units=2), "bad unit", 2)],  # open fails; a prefill unit fails
+    ids=["open", "prefill-unit"],
+)
+def test_failures_stay_with_their_request(backend, bad_prompt, released):
+    sched = Scheduler(backend, slots=4, queue=0)
     bad, ok = Outcome(), Outcome()
-    sched.submit(job("bad", bad))
+    sched.submit(job(bad_prompt, bad))
     sched.submit(job("fine", ok))
     assert isinstance(bad.wait().error, ValueError)
     assert ok.wait().gen.token_ids == [4, 5, 6, 7, 8]
     sched.close()
+    assert backend.released == released
 
 
 def test_streaming_deltas_go_to_their_own_request(stepper):
