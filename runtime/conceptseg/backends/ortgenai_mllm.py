@@ -58,8 +58,7 @@ from conceptseg.types import RequestError
 class Prompt:
     """What a sequence's prefill still has to run (see ``_Stepping.prefill``)."""
 
-    input_ids: np.ndarray  # (L,) int64
-    positions: np.ndarray  # (3, L) M-RoPE
+    positions: np.ndarray  # (3, L) M-RoPE of the prompt (its ids: the sequence's ``seen``)
     images: list[tuple[np.ndarray, np.ndarray]]  # not yet encoded: (pixel rows, grid (1, 3))
     features: list[np.ndarray] = field(default_factory=list)  # encoded, in prompt order
     embeds: np.ndarray | None = None  # (1, L, H) once every image is encoded
@@ -149,7 +148,7 @@ class _Stepping:
         seq = Sequence(seen, prompt, budget, int(positions.max()) + 1, np.zeros(0, np.float32),
                        [empty] * (2 * self._layers), 0,
                        tokenizer_stream(self.processor.tokenizer, on_text),
-                       prompt=Prompt(seen, positions, parts))  # fmt: skip
+                       prompt=Prompt(positions, parts))  # fmt: skip
         return seq
 
     def prefill(self: Any, seq: Sequence) -> bool:
@@ -167,14 +166,14 @@ class _Stepping:
             if work.embeds is None:
                 features = (np.concatenate(work.features) if work.features
                             else np.zeros((0, self.hidden_size()), np.float32))  # fmt: skip
-                feeds = {"input_ids": work.input_ids[None], "image_features": features}
+                feeds = {"input_ids": seq.seen[None], "image_features": features}
                 work.embeds = self._embed.run(None, feeds)[0]
                 work.features = []
-            stop = min(work.done + self.prefill_chunk, len(work.input_ids))
+            stop = min(work.done + self.prefill_chunk, seq.prompt_tokens)
             logits, present = self._chunk(seq.kv, work.embeds[:, work.done : stop],
                                           work.positions[:, work.done : stop], stop)  # fmt: skip
             seq.kv, seq.length, work.done = present, stop, stop
-            if stop == len(work.input_ids):
+            if stop == seq.prompt_tokens:
                 seq.logits, seq.prompt = logits[0, -1], None
                 seq.done = seq.budget == 0
         seq.prefill_ms += (time.perf_counter() - t0) * 1e3
@@ -225,7 +224,9 @@ class _Stepping:
             if seq.stream is not None:
                 seq.stream.push(token)
             chosen.append(token)
-        values = self._batch_kv(live)
+        import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
+
+        kv = self._batch_kv(live)
         width = max(s.length for s in live) + 1  # KV slots after this step
         mask = np.zeros((len(live), width), np.int64)
         for row, seq in enumerate(live):
@@ -242,8 +243,9 @@ class _Stepping:
         io.bind_cpu_input("position_ids", positions)
         for i in range(self._layers):  # past and present share one buffer: written in place
             for j, kind in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", values[2 * i + j])
-                io.bind_ortvalue_output(f"present.{i}.{kind}", values[2 * i + j])
+                buffer = ort.OrtValue.ortvalue_from_numpy(kv[2 * i + j])  # the same memory
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
+                io.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
         self._decoder.run_with_iobinding(io)
         logits, hidden = (v.numpy() for v in io.get_outputs()[:2])
         for row, seq in enumerate(live):
@@ -256,17 +258,15 @@ class _Stepping:
             elif len(seq.tokens) >= seq.budget:
                 seq.done = True
 
-    def _batch_kv(self: Any, live: list[Sequence]) -> list[Any]:
-        """The batch's KV buffers per layer (B, kv_heads, capacity, head; OrtValues over numpy
-        arrays): past and present of every step, ONNX Runtime's GroupQueryAttention writing each
+    def _batch_kv(self: Any, live: list[Sequence]) -> list[np.ndarray]:
+        """The batch's KV buffers per layer (B, kv_heads, capacity, head): past and present of
+        every step, ONNX Runtime's GroupQueryAttention writing each
         row's new entry at its own length (no copy of the cache per step). Kept while the batch
         is the same sequences; else rebuilt from each row's own part, with room for every row's
         remaining budget."""
-        import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
-
         key = tuple(id(s) for s in live)
         if self._batch is not None and self._batch[0] == key:
-            return self._batch[2]
+            return self._batch[1]
         previous = {k: row for row, k in enumerate(self._batch[0])} if self._batch else {}
         rows = []
         for seq in live:  # each row's own KV (1, kv_heads, length, head) per layer
@@ -285,21 +285,16 @@ class _Stepping:
             arrays.append(out)
         for seq in live:
             seq.kv = None  # held by the batch from now on
-        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # the same memory
-        self._batch = (key, arrays, values)
-        return values
+        self._batch = (key, arrays)
+        return arrays
 
     def release(self: Any, seq: Sequence) -> None:
         """``seq`` leaves the batch (finished or cancelled): its row goes, the others' stay
         (copied into buffers one row smaller)."""
         if self._batch is not None and id(seq) in self._batch[0]:
-            import onnxruntime as ort  # heavy: onnxruntime, loaded with a session
-
-            ids, arrays, _ = self._batch
+            ids, arrays = self._batch
             keep = [i for i, k in enumerate(ids) if k != id(seq)]
-            kept = [a[keep] for a in arrays]
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kept]
-            self._batch = (tuple(ids[i] for i in keep), kept, values)
+            self._batch = (tuple(ids[i] for i in keep), [a[keep] for a in arrays])
         seq.kv, seq.done = None, True
 
     def finish(self: Any, seq: Sequence) -> Generation:
@@ -342,7 +337,7 @@ class OrtGenaiMllm(_Stepping):
         self._decoder: Any = None  # our sessions (``begin``/``step``), made at the first ``begin``
         self._vision: Any = None
         self._embed: Any = None
-        self._batch: tuple[tuple[int, ...], list[np.ndarray], list[Any]] | None = None
+        self._batch: tuple[tuple[int, ...], list[np.ndarray]] | None = None  # (seq ids, KV)
         self.processor = qwen.load_processor(self.model_dir.parent / "processor")
         rule = qwen.stop_rule(self.model_dir.parent / "processor")
         self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
