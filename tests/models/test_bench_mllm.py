@@ -87,3 +87,20 @@ def test_bytes_per_token_match_the_checkpoint(record, tiny_weights):
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     context = rows["hf_bf16"]["prefill_tokens"] + TOKENS // 2
     assert rows["hf_bf16"]["kv_bytes_per_token"] == 2 * layers * kv_heads * head_dim * context * 2
+
+
+def test_bench_batch_reports_whole_runs_steady_steps_and_invariance(tiny_engines):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "batch",
+               "--engines", str(tiny_engines), "--precision", "fp32", "--repeats", "1",
+               "--warmup", "0", "--threads", "1", "--new-tokens", "4", "--batch-sizes", "1,3"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steady step" in done.stdout  # the table
+    results = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    assert [results[k]["concurrent"] for k in ("batch_1", "batch_3")] == [1, 3]
+    for key in ("batch_1", "batch_3"):
+        row = results[key]
+        assert row["steady_tokens_per_s"] == pytest.approx(row["concurrent"] * 1e3 / row["steady_step_ms"])
+    assert results["batch_1"]["speedup_vs_1"] == results["batch_1"]["steady_speedup_vs_1"] == 1
+    assert results["invariance"]["tokens_equal"] is True
+    assert results["invariance"]["states_max_abs"] <= 1e-4

@@ -167,14 +167,33 @@ def test_scheduler_eight_overlapping_requests_and_a_cancel(mllm, prompts, alone)
     assert sched.peak == 4
 
 
-def test_an_unchanged_batch_steps_in_its_own_kv_buffers(mllm, prompts):
-    seqs = [mllm.open(*prompts[0]), mllm.open(*prompts[2])]
-    mllm.step(seqs)
-    buffers = [id(a) for a in mllm._batch[1]]
-    for _ in range(3):
+def test_rows_stay_put_while_sequences_join_and_leave(mllm, prompts, alone):
+    """No step copies the cache; a leaver's row takes the last row, a newcomer fills a free
+    row, and what a row holds past its own length (a former occupant's entries) is never read."""
+    first, second = mllm.open(*prompts[0]), mllm.open(*prompts[1])  # 4 rows reserved
+    mllm.step([first, second])
+    buffers = [id(a) for a in mllm._rows.arrays]
+    for _ in range(2):
+        mllm.step([first, second])
+    assert [id(a) for a in mllm._rows.arrays] == buffers, "the cache was copied during a step"
+    assert mllm._rows.arrays[0].shape[2] >= max(s.prompt_tokens + s.budget for s in (first, second))
+    mllm.release(first)  # row 0 goes: the second sequence's row moves into it
+    assert mllm._rows.seqs == [second]
+    for array in mllm._rows.arrays:  # whatever lies past a row's length must never be read
+        array[0, :, second.length :] = np.nan
+        array[1:] = np.nan
+    third = mllm.open(*prompts[2])  # shorter than the row's old occupant
+    assert third.prompt_tokens < second.prompt_tokens
+    seqs = [second, third]
+    while any(not s.done for s in seqs):
         mllm.step(seqs)
-    assert [id(a) for a in mllm._batch[1]] == buffers, "the cache was copied during a step"
-    capacity = mllm._batch[1][0].shape[2]
-    assert capacity >= max(s.prompt_tokens + s.budget for s in seqs)
+    assert [id(a) for a in mllm._rows.arrays] == buffers, "a join or a leave reallocated"
+    for seq, ref in zip(seqs, alone[1:], strict=True):
+        gen = mllm.finish(seq)
+        assert gen.token_ids == ref.token_ids
+        np.testing.assert_allclose(gen.hidden, ref.hidden, rtol=0, atol=1e-4)
     for seq in seqs:
         mllm.release(seq)
+    assert mllm._rows.seqs == [] and [id(a) for a in mllm._rows.arrays] == buffers, (
+        "the buffers stay for the next batch"
+    )
