@@ -6,7 +6,10 @@ the checkpoint's resolution, side by side:
   only; what ``--backend torch --sam3-precision bf16`` runs; AMX / AVX512-BF16 kernels where the
   CPU has them), features cast back to fp32;
 - ``ort_fp32``: the exported graphs under ONNX Runtime; ``ort_int8`` with ``--int8``
-  (``sam3_vision.int8.onnx``, from ``conceptseg export --parts sam3_vision_int8``).
+  (``sam3_vision.int8.onnx``, from ``conceptseg export --parts sam3_vision_int8``);
+- ``ov_fp32``, ``ov_bf16``: the same graphs compiled by OpenVINO's CPU plugin (what
+  ``--backend openvino`` runs; bf16 for the image encoder only, the step it is chosen for),
+  skipped with ``--no-openvino``.
 
 Quality in the same row: features' relative L2 and max abs difference vs fp32 torch, and the
 mask IoU when each contender's features go through the same heads graph and prompt.
@@ -30,6 +33,7 @@ from conceptseg.benchmark import row as table_row
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="also time sam3_vision.int8.onnx")
     parser.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 contender")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO contenders")
     parser.add_argument(
         "--steps", default="vision,heads,text", help="comma list of vision,heads,text"
     )
@@ -91,9 +95,10 @@ def _bench_vision(
     from conceptseg.backends.ort import OrtGraph
 
     rows: dict[str, Any] = {}
-    vision = {"ort_fp32": OrtGraph(engines, "sam3_vision", args.threads)}
+    vision: dict[str, Any] = {"ort_fp32": OrtGraph(engines, "sam3_vision", args.threads)}
     if args.int8:
         vision["ort_int8"] = OrtGraph(engines, "sam3_vision.int8", args.threads)
+    vision |= _ov_graphs(args, engines, "sam3_vision", ("fp32", "bf16"))
 
     def torch_vision() -> list[np.ndarray]:
         with torch.inference_mode():
@@ -124,6 +129,18 @@ def _bench_vision(
             "mask_iou_vs_torch": masks[name],
         }
     return rows
+
+
+def _ov_graphs(
+    args: argparse.Namespace, engines: Path, name: str, precisions: tuple[str, ...]
+) -> dict[str, Any]:
+    """``ov_<precision>``: graph ``name`` compiled by OpenVINO per precision (none with
+    ``--no-openvino``)."""
+    if args.no_openvino:
+        return {}
+    from conceptseg.backends.openvino import OvGraph
+
+    return {f"ov_{p}": OvGraph(engines, name, args.threads, p) for p in precisions}
 
 
 def _heads_feeds(ref: Any) -> dict[str, np.ndarray]:
@@ -174,9 +191,10 @@ def _bench_heads(args: argparse.Namespace, ref: Any, engines: Path, runner: Call
     def ort_heads() -> np.ndarray:
         return heads.run(**feeds)["semantic_logits"][0, 0]
 
-    result = side_by_side(
-        {"torch_eager_fp32": torch_heads, "ort_fp32": ort_heads}, args.repeats, args.warmup, runner
-    )
+    contenders = {"torch_eager_fp32": torch_heads, "ort_fp32": ort_heads}
+    for name, graph in _ov_graphs(args, engines, "sam3_heads", ("fp32",)).items():
+        contenders[name] = lambda g=graph: g.run(**feeds)["semantic_logits"][0, 0]
+    result = side_by_side(contenders, args.repeats, args.warmup, runner)
     base = result["outputs"]["torch_eager_fp32"]
     for name, times in result["times"].items():
         out = result["outputs"][name]
@@ -203,9 +221,11 @@ def _bench_text(args: argparse.Namespace, ref: Any, engines: Path, runner: Calla
                 input_ids=ids_t, attention_mask=mask_t
             ).pooler_output.numpy()
 
-    result = side_by_side({"torch_eager_fp32": torch_text,
-                           "ort_fp32": lambda: text.run(input_ids=ids, attention_mask=ids_mask)["text_features"]},
-                          args.repeats, args.warmup, runner)  # fmt: skip
+    contenders = {"torch_eager_fp32": torch_text}
+    graphs = {"ort_fp32": text} | _ov_graphs(args, engines, "sam3_text", ("fp32",))
+    for name, graph in graphs.items():
+        contenders[name] = lambda g=graph: g.run(input_ids=ids, attention_mask=ids_mask)["text_features"]
+    result = side_by_side(contenders, args.repeats, args.warmup, runner)
     for name, times in result["times"].items():
         rows[f"text/{name}"] = summary(times) | {
             "max_abs_vs_torch": max_abs(

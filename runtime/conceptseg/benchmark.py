@@ -40,7 +40,7 @@ from conceptseg.versions import package_versions
 
 TARGETS = {
     "request": "whole reasoning request: our pipeline vs the reference code's recipe",
-    "sam3": "SAM 3 vision / heads / text: torch fp32, torch bf16 autocast, ONNX Runtime",
+    "sam3": "SAM 3 vision / heads / text: torch fp32, torch bf16 autocast, ONNX Runtime, OpenVINO",
     "mllm": "MLLM prefill + decode: transformers bf16 vs the ort-genai export",
     "batch": "the ort-genai MLLM's aggregate decode tokens/s over 1, 2, 4, 8 concurrent sequences",
     "serve": "the Triton server under perf_analyzer over a concurrency range",
@@ -50,7 +50,7 @@ TARGETS = {
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "avx_vnni")  # fmt: skip
 QUALITY = ("rel_l2", "max_abs", "mask_iou", "token_agreement", "same_answer")
-VERSION_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai",
+VERSION_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "openvino",
                     "tensorrt", "tensorrt_llm", "numpy", "matplotlib")  # fmt: skip
 
 

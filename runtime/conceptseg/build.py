@@ -17,15 +17,23 @@ from conceptseg.types import RequestError
 from conceptseg.versions import versions
 from conceptseg.weights import check_weights
 
-SEG_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+SEG_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
 # --mllm-precision per backend: hf loads the checkpoint in that dtype; ort-genai picks the
 # exported ENGINES/mllm/<precision>; trtllm's precision is its quantized checkpoint's
 MLLM_PRECISIONS = {"hf": ("fp32", "bf16"), "ort-genai": ("fp32", "int4"), "trtllm": ("fp32",)}
 # --sam3-precision per backend (the image encoder's): onnxruntime picks the int8 graph; torch runs
-# bf16 autocast; TensorRT plans take theirs from `conceptseg build-engines`
+# bf16 autocast; openvino compiles the fp32 graph for bf16; TensorRT plans take theirs from
+# `conceptseg build-engines`
 SAM3_BACKEND_PRECISIONS = {"onnxruntime": SAM3_PRECISIONS, "torch": ("fp32", "bf16"),
-                           "tensorrt": ("fp32",)}  # fmt: skip
+                           "openvino": ("fp32", "bf16"), "tensorrt": ("fp32",)}  # fmt: skip
+# --sam3-precision of `conceptseg serve --profile cpu` (the sam3_vision model; the other engine
+# models run fp32 on --engine-runtime): fp32 on --engine-runtime, int8 on ONNX Runtime, bf16 on
+# OpenVINO
+SERVE_CPU_SAM3_PRECISIONS = (*SAM3_PRECISIONS, "bf16")
+# what runs the engine models of the cpu profile (--engine-runtime): OpenVINO by default, as exact
+# as ONNX Runtime in fp32 and faster on every SAM 3 graph (benchmarks/README.md, 3 December)
+CPU_ENGINE_RUNTIMES = ("openvino", "onnxruntime")
 
 
 def check_mllm_precision(kind: str, precision: str) -> None:
@@ -85,13 +93,14 @@ def build_pipeline(
 ) -> Any:
     """A :class:`~conceptseg.pipeline.Pipeline` over the checkpoints in ``weights/{mllm,sam3}``.
 
-    ``backend`` serves SAM 3 and the CTM: ``torch`` (the reference modules) or ``onnxruntime``
-    (the graphs exported into ``engines``) or ``tensorrt`` (plans built from them, in ``plans`` or
-    the one ``engines/trt-*`` directory). ``mllm_backend``: ``hf`` (transformers; reuses the
+    ``backend`` serves SAM 3 and the CTM: ``torch`` (the reference modules), ``onnxruntime`` or
+    ``openvino`` (the graphs exported into ``engines``) or ``tensorrt`` (plans built from them, in
+    ``plans`` or the one ``engines/trt-*`` directory). ``mllm_backend``: ``hf`` (transformers; reuses the
     prefill of the last ``prefix_cache`` reference mosaics), ``ort-genai`` (the decoder exported
     into ``engines/mllm/<mllm_precision>``, fp32 or int4) or ``trtllm`` (GPU machines; a
     checkpoint written by ``export/trtllm_quantize.py``: ``plans`` or ``engines/trtllm-*``).
-    ``sam3_precision``: the image encoder's, int8 weights (onnxruntime) or bf16 autocast (torch).
+    ``sam3_precision``: the image encoder's, int8 weights (onnxruntime), bf16 autocast (torch) or
+    bf16 kernels (openvino).
     """
     if backend not in SEG_BACKENDS:
         raise RequestError("--backend", f"{backend!r} is not one of {SEG_BACKENDS}")
@@ -102,12 +111,12 @@ def build_pipeline(
         raise RequestError(
             "--sam3-precision",
             f"{sam3_precision!r} is not one of {SAM3_BACKEND_PRECISIONS[backend]} for --backend "
-            f"{backend} (int8: onnxruntime; bf16: torch; TensorRT plans take their precision "
+            f"{backend} (int8: onnxruntime; bf16: torch, openvino; TensorRT plans take their precision "
             "from `conceptseg build-engines`)",
         )
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
-    if (backend in ("onnxruntime", "tensorrt") or mllm_backend != "hf") and engines is None:
+    if (backend in ("onnxruntime", "openvino", "tensorrt") or mllm_backend != "hf") and engines is None:
         raise RequestError(
             "--engines",
             f"--backend {backend} / --mllm-backend {mllm_backend} needs the exported graphs: "
@@ -118,6 +127,10 @@ def build_pipeline(
 
         seg: Any = ort_sam3(engines, threads, sam3_precision)
         ctm: Any = ort_ctm(engines, threads)
+    elif backend == "openvino":
+        from conceptseg.backends.openvino import ov_ctm, ov_sam3  # lazy: OpenVINO
+
+        seg, ctm = ov_sam3(engines, threads, sam3_precision), ov_ctm(engines, threads)
     elif backend == "tensorrt":
         from conceptseg.backends.trt import trt_ctm, trt_sam3  # lazy: TensorRT (GPU)
 

@@ -52,7 +52,7 @@ def add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = 
     p.add_argument("--backend", default="torch", choices=SEG_BACKENDS,
                    help="SAM 3 and CTM backend")  # fmt: skip
     p.add_argument(
-        "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime"
+        "--engines", default=None, help="exported graphs (conceptseg export) for onnxruntime, openvino"
     )
     p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
     p.add_argument("--mllm-backend", default="hf", choices=MLLM_BACKENDS, help="MLLM backend")
@@ -60,7 +60,8 @@ def add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = 
         "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
     )
     p.add_argument("--sam3-precision", default="fp32", choices=(*SAM3_PRECISIONS, "bf16"),
-                   help="the image encoder: int8 weights (onnxruntime) or bf16 autocast (torch)")  # fmt: skip
+                   help="the image encoder: int8 weights (onnxruntime), bf16 autocast (torch) "
+                        "or bf16 kernels (openvino)")  # fmt: skip
     add_config_args(p)
 
 

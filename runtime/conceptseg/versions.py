@@ -11,7 +11,7 @@ from typing import Any
 import conceptseg
 from conceptseg.weights import is_synthetic
 
-PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "tensorrt",
+PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "openvino", "tensorrt",
             "tensorrt_llm")  # fmt: skip
 
 

@@ -103,6 +103,7 @@ def test_served_repository_runs_the_int8_graph(engines, tmp_path):
     assert ft.validate_repository(repo, engines, "cpu") == []
     config = ft.parse_config(repo / "sam3_vision" / "config.pbtxt")
     assert config.parameters["graph"].string_value == "sam3_vision.int8"
+    assert config.parameters["runtime"].string_value == "onnxruntime", "ONNX Runtime's int8 ops"
     assert (
         ft.parse_config(repo / "sam3_heads" / "config.pbtxt").parameters["graph"].string_value
         == "sam3_heads"

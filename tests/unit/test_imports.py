@@ -18,7 +18,7 @@ PACKAGES = (ROOT / "runtime" / "conceptseg", ROOT / "export" / "conceptseg_expor
 # optional or heavy dependencies a light path exists without (STYLE.md, section 0)
 LAZY_OK = {"tensorrt", "tensorrt_llm", "modelopt", "onnxruntime_genai", "tritonclient", "torch",
            "transformers", "onnx", "onnxruntime", "torchvision", "safetensors", "scipy",
-           "matplotlib", "cProfile", "pstats"}  # fmt: skip
+           "matplotlib", "cProfile", "pstats", "openvino"}  # fmt: skip
 # composition roots: they may import a chosen backend (or the exporters) when it is chosen
 ROOTS = {"cli.py", "build.py"}
 

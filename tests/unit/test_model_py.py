@@ -168,12 +168,22 @@ def doubling_graph(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, tmp_path / "double.onnx")
+    tensor = {"shape": ["batch", "n"], "dtype": "float32"}
+    manifest = {"inputs": [{"name": "x"} | tensor], "outputs": [{"name": "y"} | tensor]}
+    (tmp_path / "double.json").write_text(json.dumps(manifest))
     return tmp_path
 
 
-def test_engine_model_batches_by_shape_and_fails_per_group(pb_utils, doubling_graph):
+ENGINE_RUNTIMES = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+@pytest.mark.parametrize("runtime,precision", ENGINE_RUNTIMES)
+def test_engine_model_batches_by_shape_and_fails_per_group(
+    pb_utils, doubling_graph, runtime, precision
+):
     model = load("engine")
-    model.initialize(args("double", engines=str(doubling_graph), graph="double", threads="1"))
+    model.initialize(args("double", engines=str(doubling_graph), graph="double", threads="1",
+                          runtime=runtime, precision=precision))  # fmt: skip
     requests = [
         MockRequest({"x": np.ones((1, 3), np.float32)}),
         MockRequest({"x": np.full((2, 5), 3, np.float32)}),
@@ -192,7 +202,8 @@ def test_engine_model_batches_by_shape_and_fails_per_group(pb_utils, doubling_gr
 def test_unfilled_parameter_is_caught_at_initialize(pb_utils, doubling_graph):
     model = load("engine")
     with pytest.raises(AssertionError, match="never filled"):
-        model.initialize(args("double", engines="${engines}", graph="double", threads="1"))
+        model.initialize(args("double", engines="${engines}", graph="double", threads="1",
+                              runtime="onnxruntime", precision="fp32"))  # fmt: skip
 
 
 class FakeMllm:

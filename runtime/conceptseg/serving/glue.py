@@ -102,6 +102,13 @@ def engine_bounds(engines: Path) -> dict[str, int]:
     return bounds
 
 
+def graph_inputs(engines: Path, graph: str) -> dict[str, list[Any]]:
+    """Each input of ``engines/<graph>.onnx`` and its shape (a dynamic dim by its name, e.g.
+    ``batch``, ``seq``), from the graph's manifest ``<graph>.json``, whatever runs the graph."""
+    manifest = json.loads((Path(engines) / f"{graph}.json").read_text())
+    return {t["name"]: list(t["shape"]) for t in manifest["inputs"]}
+
+
 def check_engine_feed(
     feed: dict[str, np.ndarray], shapes: dict[str, list[Any]], bounds: dict[str, int]
 ) -> None:

@@ -11,9 +11,9 @@ dtypes and dims from the engine manifests (``<graph>.json``; ``<graph>.plan.json
 same names every step uses. :func:`validate_repository` parses every generated config with
 Triton's own ``ModelConfig`` proto and checks it against the manifests and the request contract.
 
-Profiles: ``cpu`` runs the engines as Python models over ONNX Runtime sessions and the MLLM as a
-Python model (transformers); ``gpu`` runs them as ``tensorrt_plan`` models and the MLLM through
-the TensorRT-LLM LLM API. The orchestrator ``conceptseg`` (Python, BLS) is the same for both.
+Profiles: ``cpu`` runs the engines as Python models over OpenVINO (``engine_runtime``, the
+default) or ONNX Runtime and the MLLM as a Python model (transformers, ort-genai); ``gpu`` runs
+them as ``tensorrt_plan`` models and the MLLM through the TensorRT-LLM LLM API. The orchestrator ``conceptseg`` (Python, BLS) is the same for both.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from conceptseg import contract
-from conceptseg.build import MLLM_BACKENDS, MLLM_PRECISIONS
+from conceptseg.build import (
+    CPU_ENGINE_RUNTIMES,
+    MLLM_BACKENDS,
+    MLLM_PRECISIONS,
+    SERVE_CPU_SAM3_PRECISIONS,
+)
 from conceptseg.models.engines import vision_graph
 
 # the templates: package data of ``conceptseg_triton`` (triton_repo/conceptseg_triton/), found by
@@ -104,7 +109,10 @@ class RepoOptions:
     max_reasoning: int = 8
     max_queue_size: int = 64
     queue_timeout_us: int = 30_000_000
-    sam3_precision: str = "fp32"  # cpu: "int8" -> the sam3_vision model runs sam3_vision.int8.onnx
+    # cpu: "bf16" -> the sam3_vision model runs sam3_vision.onnx in bf16 under OpenVINO; "int8"
+    # -> sam3_vision.int8.onnx under ONNX Runtime; "fp32": sam3_vision.onnx on engine_runtime
+    sam3_precision: str = "fp32"
+    engine_runtime: str = "openvino"  # cpu: what runs the engine models (CPU_ENGINE_RUNTIMES)
 
 
 # --- engine models: I/O from the manifests ------------------------------------------------------
@@ -183,13 +191,22 @@ def engine_values(
         "warmup": _warmup_block(manifest, graph, sizes),
     }
     if profile == "cpu":
-        graph_file = graph
-        if graph == "sam3_vision" and opts.sam3_precision != "fp32":
+        if opts.engine_runtime not in CPU_ENGINE_RUNTIMES:
+            raise TemplateError(
+                f"engine runtime {opts.engine_runtime!r}: choose one of {CPU_ENGINE_RUNTIMES}"
+            )
+        graph_file, runtime, precision = graph, opts.engine_runtime, "fp32"
+        if graph == "sam3_vision" and opts.sam3_precision == "bf16":
+            runtime, precision = "openvino", "bf16"
+        elif graph == "sam3_vision" and opts.sam3_precision != "fp32":
             graph_file = _int8_vision(engines, opts.sam3_precision, manifest)
+            runtime = "onnxruntime"  # its int8 operators are ONNX Runtime's quantization
         return values | {
             "engines": pbtxt_string(str(engines)),
             "threads": opts.engine_threads,
             "graph": graph_file,
+            "runtime": runtime,
+            "precision": precision,
         }
     if opts.sam3_precision != "fp32":
         raise TemplateError(
@@ -207,7 +224,7 @@ def _int8_vision(engines: Path, precision: str, fp32: dict[str, Any]) -> str:
     """The int8 image encoder's file stem, checked: exported, and the same tensors as fp32."""
 
     if precision != "int8":
-        raise TemplateError(f"sam3 precision {precision!r}: choose fp32 or int8")
+        raise TemplateError(f"sam3 precision {precision!r}: choose one of {SERVE_CPU_SAM3_PRECISIONS}")
     stem = vision_graph(precision)
     int8 = read_json(
         engines / f"{stem}.json",

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conceptseg.build import MLLM_BACKENDS
-from conceptseg.models.engines import SAM3_PRECISIONS
+from conceptseg.build import CPU_ENGINE_RUNTIMES, MLLM_BACKENDS, SERVE_CPU_SAM3_PRECISIONS
 
 LOCALHOST = "127.0.0.1"
 INTERNAL = {"cli": False}
@@ -26,7 +25,9 @@ class ServeConfig:
     """One server: engines, profile, addresses, and what goes into the repository."""
 
     engines: Path = field(metadata={"help": "conceptseg export output (manifest.json)"})
-    profile: str = _flag("cpu", "cpu (ONNX Runtime engines) or gpu (TensorRT plans)", ("cpu", "gpu"))
+    profile: str = _flag(
+        "cpu", "cpu (OpenVINO / ONNX Runtime engines) or gpu (TensorRT plans)", ("cpu", "gpu")
+    )
     plans: Path | None = _flag(None, "gpu: TensorRT plans (default: the one ENGINES/trt-*)")
     host: str = _flag(LOCALHOST, "address to bind (default 127.0.0.1 only)")
     http_port: int = _flag(8000, "HTTP port")
@@ -51,10 +52,16 @@ class ServeConfig:
     engine_threads: int = field(default=0, metadata=INTERNAL)
     mllm_backend: str = _flag("", "default: hf on cpu, trtllm on gpu", ("", *MLLM_BACKENDS))
     mllm_precision: str = _flag("fp32", "hf: fp32 or bf16; ort-genai: fp32 or int4")
+    engine_runtime: str = _flag(
+        "openvino",
+        "cpu: what runs the SAM 3 and CTM graphs (fp32; onnxruntime as before 3 December 2026)",
+        CPU_ENGINE_RUNTIMES,
+    )
     sam3_precision: str = _flag(
         "fp32",
-        "cpu: int8 serves the image encoder with int8 weights (export --parts sam3_vision_int8)",
-        SAM3_PRECISIONS,
+        "cpu: bf16 serves the image encoder in bf16 under OpenVINO; int8 with int8 weights under "
+        "ONNX Runtime (export --parts sam3_vision_int8); whatever --engine-runtime says",
+        SERVE_CPU_SAM3_PRECISIONS,
     )
     mllm_path: Path | None = _flag(None, "MLLM directory (default: from ENGINES)")
     mllm_slots: int = _flag(

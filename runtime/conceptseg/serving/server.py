@@ -284,6 +284,7 @@ class Server:
             mllm_precision=cfg.mllm_precision,
             mllm_path=cfg.mllm_path,
             sam3_precision=cfg.sam3_precision,
+            engine_runtime=cfg.engine_runtime,
             mllm_slots=cfg.mllm_slots,
             mllm_queue=cfg.mllm_queue,
             mllm_prefill_chunk=cfg.mllm_prefill_chunk,

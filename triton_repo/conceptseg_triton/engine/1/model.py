@@ -1,4 +1,5 @@
-"""Engine model, cpu profile: one exported graph (parameter ``graph``) in an ONNX Runtime session.
+"""Engine model, cpu profile: one exported graph (parameter ``graph``) in an ONNX Runtime session
+or, with ``runtime`` openvino, compiled by OpenVINO in ``precision`` (fp32 or bf16).
 
 A dynamic batch is run as one call per group of equal input shapes; a failing group fails only
 its own requests. Engine models are reachable by clients too, so each request is re-checked
@@ -16,11 +17,17 @@ from conceptseg.types import RequestError
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = glue.model_params(args, ("engines", "graph", "threads"))
+        params = glue.model_params(args, ("engines", "graph", "threads", "runtime", "precision"))
+        engines, graph = Path(params["engines"]), params["graph"]
         threads = int(params["threads"]) or None
-        self.graph = OrtGraph(Path(params["engines"]), params["graph"], threads)
-        self.shapes = {i.name: i.shape for i in self.graph.session.get_inputs()}
-        self.bounds = glue.engine_bounds(Path(params["engines"]))
+        if params["runtime"] == "openvino":
+            from conceptseg.backends.openvino import OvGraph  # heavy: OpenVINO, where chosen
+
+            self.graph = OvGraph(engines, graph, threads, params["precision"])
+        else:
+            self.graph = OrtGraph(engines, graph, threads)
+        self.shapes = glue.graph_inputs(engines, graph)
+        self.bounds = glue.engine_bounds(engines)
 
     def execute(self, requests):
         feeds = [glue.read_inputs(pb_utils, request, list(self.shapes)) for request in requests]
