@@ -37,12 +37,12 @@ from conceptseg.benchmark import RUNNERS, row, side_by_side, summary, synchroniz
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
                         help="ours: SAM 3 + CTM backend (the recipe always runs torch fp32)")  # fmt: skip
     parser.add_argument("--mllm-precision", default="bf16", choices=["fp32", "bf16"],
                         help="the MLLM's dtype, for both contenders (one loaded model)")  # fmt: skip
     parser.add_argument("--sam3-precision", default="fp32",
-                        help="ours: fp32, bf16 (torch autocast) or int8 (onnxruntime)")  # fmt: skip
+                        help="ours: fp32, bf16 (torch autocast, openvino) or int8 (onnxruntime)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=200, help="completion tokens")
     parser.add_argument("--stop", action="store_true", help="honour the stop ids")
     parser.add_argument("--prefix-cache", type=int, default=0, help="ours: prefix LRU size")
@@ -210,7 +210,7 @@ def build_contenders(args: argparse.Namespace) -> tuple[Any, ReferenceRecipe]:
 
     weights = Path(args.weights)
     config = PipelineConfig(max_new_tokens=args.new_tokens)
-    engines = Path(args.engines) if args.backend == "onnxruntime" else None
+    engines = Path(args.engines) if args.backend in ("onnxruntime", "openvino") else None
     pipeline = build_pipeline(weights, backend=args.backend, engines=engines, config=config,
                               threads=args.threads, mllm_precision=args.mllm_precision,
                               prefix_cache=args.prefix_cache,
