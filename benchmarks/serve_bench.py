@@ -158,7 +158,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg = ServeConfig(engines=engines, http_port=free_port(), grpc_port=free_port(),
                       metrics_port=free_port(), pipeline_config=asdict(config),
                       mllm_backend=args.mllm_backend, mllm_precision=precision,
-                      mllm_slots=args.mllm_slots)  # fmt: skip
+                      mllm_slots=args.mllm_slots, engine_runtime=args.engine_runtime)  # fmt: skip
     results: dict[str, Any] = {"in_process_median_ms": baseline, "routes": {}}
     work = Path(tempfile.mkdtemp(prefix="conceptseg-perf-"))
     try:
@@ -178,7 +178,8 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     results["config"] = {"max_new_tokens": args.max_new_tokens, "preset": args.preset,
                          "orchestrator_instances": cfg.orchestrator_instances,
                          "mllm_backend": cfg.mllm_backend or "hf", "mllm_slots": cfg.mllm_slots,
-                         "mllm_precision": cfg.mllm_precision}  # fmt: skip
+                         "mllm_precision": cfg.mllm_precision,
+                         "engine_runtime": cfg.engine_runtime}  # fmt: skip
     return results
 
 
@@ -211,6 +212,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", default="fp32", help="serve (ort-genai): ENGINES/mllm/<precision>"
     )
+    parser.add_argument("--engine-runtime", default="openvino", choices=("openvino", "onnxruntime"),
+                        help="serve: what runs the engine models")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
