@@ -64,8 +64,9 @@ class OvGraph:
                 "--engines", f"{path} is missing; export it with `conceptseg export --parts {name}`"
             )
         self.name, self.precision = name, precision
-        model = ov.Core().read_model(str(path))
-        self.compiled = ov.Core().compile_model(model, "CPU", compile_config(threads, precision))
+        core = ov.Core()
+        model = core.read_model(str(path))
+        self.compiled = core.compile_model(model, "CPU", compile_config(threads, precision))
         # the ONNX names, from the model as read (a compiled output may carry more names)
         self.outputs = [p.get_any_name() for p in model.outputs]
         self.dtypes = {p.get_any_name(): p.get_element_type().to_dtype() for p in model.inputs}
@@ -78,10 +79,10 @@ class OvGraph:
                 raise TypeError(f"{self.name}.{name}: {array.dtype}, the graph takes {self.dtypes[name]}")
         with self._lock:
             result = self._request.infer(feeds, share_inputs=False, share_outputs=False)
-            return {name: np.array(result[i]) for i, name in enumerate(self.outputs)}
+            return {name: result[i] for i, name in enumerate(self.outputs)}  # copies (not shared)
 
 
-def ov_sam3(engines: Path, threads: int | None = None, precision: str = "bf16") -> EngineSam3:
+def ov_sam3(engines: Path, threads: int | None = None, precision: str = "fp32") -> EngineSam3:
     """SAM 3 on the ONNX graphs in ``engines`` under OpenVINO: the image encoder in ``precision``
     (bf16 or fp32), text and heads in fp32."""
     graphs = {"sam3_vision": OvGraph(engines, "sam3_vision", threads, precision)}
