@@ -205,12 +205,12 @@ def _capture_tokens(pipeline: Any) -> None:
 
 def build_contenders(args: argparse.Namespace) -> tuple[Any, ReferenceRecipe]:
     from conceptseg.backends.torch_ref import TorchSam3, torch_ctm
-    from conceptseg.build import build_pipeline
+    from conceptseg.build import GRAPH_BACKENDS, build_pipeline
     from conceptseg.config import PipelineConfig
 
     weights = Path(args.weights)
     config = PipelineConfig(max_new_tokens=args.new_tokens)
-    engines = Path(args.engines) if args.backend in ("onnxruntime", "openvino") else None
+    engines = Path(args.engines) if args.backend in GRAPH_BACKENDS else None
     pipeline = build_pipeline(weights, backend=args.backend, engines=engines, config=config,
                               threads=args.threads, mllm_precision=args.mllm_precision,
                               prefix_cache=args.prefix_cache,

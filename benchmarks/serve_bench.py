@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from conceptseg.build import CPU_ENGINE_RUNTIMES
+
 ROOT = Path(__file__).resolve().parents[1]
 PERF_LIBS = ROOT / ".venv" / "perf-libs" / "nvidia" / "cuda_runtime" / "lib"
 FAST_PROMPT = "mug"  # one word: the tiny SAM 3 passes its threshold (0.1)
@@ -212,7 +214,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", default="fp32", help="serve (ort-genai): ENGINES/mllm/<precision>"
     )
-    parser.add_argument("--engine-runtime", default="openvino", choices=("openvino", "onnxruntime"),
+    parser.add_argument("--engine-runtime", default=CPU_ENGINE_RUNTIMES[0], choices=CPU_ENGINE_RUNTIMES,
                         help="serve: what runs the engine models")  # fmt: skip
 
 

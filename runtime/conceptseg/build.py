@@ -18,6 +18,7 @@ from conceptseg.versions import versions
 from conceptseg.weights import check_weights
 
 SEG_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+GRAPH_BACKENDS = ("onnxruntime", "openvino", "tensorrt")  # those that run ENGINES' exported graphs
 MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
 # --mllm-precision per backend: hf loads the checkpoint in that dtype; ort-genai picks the
 # exported ENGINES/mllm/<precision>; trtllm's precision is its quantized checkpoint's
@@ -116,7 +117,7 @@ def build_pipeline(
         )
     config = config or PipelineConfig()
     mllm_dir, sam3_dir = check_weights(weights)
-    if (backend in ("onnxruntime", "openvino", "tensorrt") or mllm_backend != "hf") and engines is None:
+    if (backend in GRAPH_BACKENDS or mllm_backend != "hf") and engines is None:
         raise RequestError(
             "--engines",
             f"--backend {backend} / --mllm-backend {mllm_backend} needs the exported graphs: "

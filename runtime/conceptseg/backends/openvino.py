@@ -26,7 +26,6 @@ from conceptseg.models.engines import EngineCtm, EngineSam3
 from conceptseg.types import RequestError
 
 OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> INFERENCE_PRECISION_HINT
-SAM3_OV_PRECISIONS = tuple(OV_PRECISIONS)
 
 
 def compile_config(threads: int | None, precision: str) -> dict[str, str]:
@@ -34,7 +33,7 @@ def compile_config(threads: int | None, precision: str) -> dict[str, str]:
     pinned, ``precision`` (``fp32`` | ``bf16``)."""
     if precision not in OV_PRECISIONS:
         raise RequestError(
-            "--sam3-precision", f"{precision!r} is not one of {SAM3_OV_PRECISIONS} for OpenVINO"
+            "--sam3-precision", f"{precision!r} is not one of {tuple(OV_PRECISIONS)} for OpenVINO"
         )
     return {
         "PERFORMANCE_HINT": "LATENCY",
@@ -63,14 +62,14 @@ class OvGraph:
             raise RequestError(
                 "--engines", f"{path} is missing; export it with `conceptseg export --parts {name}`"
             )
-        self.name, self.precision = name, precision
+        self.name = name
         core = ov.Core()
         model = core.read_model(str(path))
-        self.compiled = core.compile_model(model, "CPU", compile_config(threads, precision))
+        compiled = core.compile_model(model, "CPU", compile_config(threads, precision))
         # the ONNX names, from the model as read (a compiled output may carry more names)
         self.outputs = [p.get_any_name() for p in model.outputs]
         self.dtypes = {p.get_any_name(): p.get_element_type().to_dtype() for p in model.inputs}
-        self._request = self.compiled.create_infer_request()
+        self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:

@@ -13,7 +13,8 @@ Triton's own ``ModelConfig`` proto and checks it against the manifests and the r
 
 Profiles: ``cpu`` runs the engines as Python models over OpenVINO (``engine_runtime``, the
 default) or ONNX Runtime and the MLLM as a Python model (transformers, ort-genai); ``gpu`` runs
-them as ``tensorrt_plan`` models and the MLLM through the TensorRT-LLM LLM API. The orchestrator ``conceptseg`` (Python, BLS) is the same for both.
+them as ``tensorrt_plan`` models and the MLLM through the TensorRT-LLM LLM API. The
+orchestrator ``conceptseg`` (Python, BLS) is the same for both.
 """
 
 from __future__ import annotations
