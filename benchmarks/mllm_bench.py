@@ -1,14 +1,20 @@
 """``conceptseg bench mllm``: the MLLM's prefill and decode on the bundled sample request, side by side.
 
-Contenders (both as the pipeline runs them, greedy with the reference's decision rule):
-- ``hf_bf16``: transformers' Qwen2.5-VL in bf16 (:class:`HfMllm`, prefix cache off),
+Contenders (all as the pipeline runs them, greedy with the reference's decision rule):
+- ``hf_bf16``: transformers' Qwen2.5-VL in bf16 as transformers runs it (SDPA, bf16 weights),
+- ``hf_<--hf-precision>`` (ours, default int4): the same loaded model, prefill in bf16 on AMX,
+  decode steps on weight-only int4 / int8 copies of the decoder and LM head, one-query attention
+  in float32 matmuls (:class:`HfMllm`, prefix cache off; ``hf_bf16`` runs it with
+  ``as_transformers_runs_it``, so both share one copy of the weights),
 - ``ortgenai_int4``: the exported graphs under onnxruntime-genai (:class:`OrtGenaiMllm`,
   ``ENGINES/mllm/int4``: fp32 vision tower and embedding, int4 RTN decoder).
 
-Per repeat each contender generates exactly ``--new-tokens`` tokens (stop ids are ignored, so both
+Per repeat each contender generates exactly ``--new-tokens`` tokens (stop ids are ignored, so all
 decode the same number of steps whatever random weights pick). Prefill = vision tower + prompt
-(both images), up to the first logits; decode = the token steps after it. Both backends time the
-same span (``Generation.prefill_ms`` / ``decode_ms``; preprocessing excluded).
+(both images), up to the first logits; decode = the token steps after it. All backends time the
+same span (``Generation.prefill_ms`` / ``decode_ms``; preprocessing excluded). ``request_s``:
+prefill + ``--request-tokens`` x the median decode step, a whole reasoning request's MLLM time
+derived from the two medians (``bench request`` measures whole requests).
 
 What limits decoding: every step reads all decoder weights (and the KV cache so far) once, so
 ``bytes per token / memory read bandwidth`` bounds the rate. The record gives both byte counts,
@@ -28,15 +34,23 @@ from conceptseg.benchmark import RUNNERS, side_by_side, summary
 from conceptseg.benchmark import row as table_row
 
 
-def hf_bytes_per_token(model: Any) -> int:
+def hf_bytes_per_token(model: Any, low_bit: bool = False) -> int:
     """Bytes of weights one decode step of ``HfMllm`` reads: every language-model parameter but
     the token-embedding table (one row is gathered), plus the LM head (the same tensor when the
-    embeddings are tied, read once as the head)."""
+    embeddings are tied, read once as the head). ``low_bit``: weight-only layers count their
+    packed copies and scales (what their decode steps read) instead of their bf16 weights."""
+    from conceptseg.models.weight_only import DecodeLinear
+
     language = model.model.language_model
     embed = language.get_input_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in language.parameters() if p is not embed)
-    head = model.lm_head.weight
-    return int(total + head.numel() * head.element_size())
+    swapped = [m for m in language.modules() if low_bit and isinstance(m, DecodeLinear)]
+    skip = {id(embed), *(id(m.weight) for m in swapped)}
+    total = sum(p.numel() * p.element_size() for p in language.parameters() if id(p) not in skip)
+    total += sum(m.packed.nbytes + m.scales.nbytes for m in swapped)
+    head = model.lm_head
+    if low_bit and isinstance(head, DecodeLinear):
+        return int(total + head.packed.nbytes + head.scales.nbytes)
+    return int(total + head.weight.numel() * head.weight.element_size())
 
 
 def onnx_bytes_per_token(decoder: Path) -> int:
@@ -103,7 +117,7 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> floa
 def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner: Any) -> dict:
     import torch
 
-    from conceptseg.backends.hf_mllm import HfMllm
+    from conceptseg.backends.hf_mllm import HfMllm, as_transformers_runs_it
     from conceptseg.backends.ortgenai_mllm import OrtGenaiMllm
     from conceptseg_export.mllm_export import compare_generations, sample_inputs
 
@@ -113,12 +127,17 @@ def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner
     msgs, images = sample_inputs()
     weights, engines = Path(args.weights) / "mllm", Path(args.engines) / "mllm"
     n = args.new_tokens
-    hf = HfMllm(weights, precision="bf16", max_new_tokens=n)
+    hf = HfMllm(weights, precision=args.hf_precision, max_new_tokens=n)
     genai = OrtGenaiMllm(engines / args.precision, max_new_tokens=n, threads=args.threads)
     for backend in (hf, genai):
         backend.stop_ids = set()  # exactly n steps each, whatever the random weights pick
-    name = f"ortgenai_{args.precision}"
-    contenders = {"hf_bf16": lambda: hf.generate(msgs, images),
+
+    def transformers_bf16(**kwargs: Any) -> Any:
+        with as_transformers_runs_it(hf.model):
+            return hf.generate(msgs, images, **kwargs)
+
+    ours, name = f"hf_{args.hf_precision}", f"ortgenai_{args.precision}"
+    contenders = {"hf_bf16": transformers_bf16, ours: lambda: hf.generate(msgs, images),
                   name: lambda: genai.generate(msgs, images)}  # fmt: skip
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
     decode: dict[str, list[float]] = {k: [] for k in contenders}
@@ -136,15 +155,18 @@ def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner
 
     result = side_by_side({k: recording(k) for k in contenders}, args.repeats, args.warmup, runner)
     outputs = result["outputs"]
-    ref, ours = outputs["hf_bf16"], outputs[name]
-    forced = genai.decode(msgs, images, forced=ref.token_ids)
+    ref = outputs["hf_bf16"]
+    forced = {ours: hf.generate(msgs, images, forced=ref.token_ids),
+              name: genai.decode(msgs, images, forced=ref.token_ids)}  # fmt: skip
     prompt = ref.prompt_tokens
     text_config = hf.model.config.text_config.to_dict()
     context = prompt + n // 2  # mean cached positions over the decode steps
     weight_bytes = {"hf_bf16": hf_bytes_per_token(hf.model),
+                    ours: hf_bytes_per_token(hf.model, low_bit=args.hf_precision != "bf16"),
                     name: onnx_bytes_per_token(engines / args.precision / "model.onnx")}  # fmt: skip
     kv_bytes = {
         "hf_bf16": kv_bytes_per_token(text_config, context, 2),
+        ours: kv_bytes_per_token(text_config, context, 2),
         name: kv_bytes_per_token(text_config, context, 4),
     }  # ort-genai's cache is fp32 here
     rows: dict[str, Any] = {}
@@ -153,51 +175,60 @@ def bench_mllm(args: argparse.Namespace, side_by_side: Any, summary: Any, runner
         step_ms = summary(decode[key][skip:])
         per_token = weight_bytes[key] + kv_bytes[key]
         rate = 1e3 / step_ms["median_ms"]
+        prefill_ms = summary(prefill[key][skip:])
         rows[key] = {
-            "prefill": summary(prefill[key][skip:]),
+            "prefill": prefill_ms,
             "prefill_tokens": prompt,
             "decode_step": step_ms,
             "decode_tokens_per_s": rate,
             "new_tokens": n,
+            "request_s": (prefill_ms["median_ms"] + args.request_tokens * step_ms["median_ms"]) / 1e3,
+            "request_tokens": args.request_tokens,
             "weight_bytes_per_token": weight_bytes[key],
             "kv_bytes_per_token": kv_bytes[key],
             "bandwidth_bound_tokens_per_s": bandwidth * 1e9 / per_token,
             "fraction_of_bound": rate * per_token / (bandwidth * 1e9),
         }
-    rows[name]["vs_hf_bf16"] = {
-        "free_running": compare_generations(ref, ours),
-        "teacher_forced": compare_generations(ref, forced, forced=True),
-        "decode_speedup": rows[name]["decode_tokens_per_s"]
-        / rows["hf_bf16"]["decode_tokens_per_s"],
-        "prefill_speedup": rows["hf_bf16"]["prefill"]["median_ms"]
-        / rows[name]["prefill"]["median_ms"],
-    }
+    for key in (ours, name):
+        rows[key]["vs_hf_bf16"] = {
+            "free_running": compare_generations(ref, outputs[key]),
+            "teacher_forced": compare_generations(ref, forced[key], forced=True),
+            "decode_speedup": rows[key]["decode_tokens_per_s"] / rows["hf_bf16"]["decode_tokens_per_s"],
+            "prefill_speedup": rows["hf_bf16"]["prefill"]["median_ms"] / rows[key]["prefill"]["median_ms"],
+            "request_speedup": rows["hf_bf16"]["request_s"] / rows[key]["request_s"],
+        }
+    rows[ours][f"vs_{name}"] = {"request_speedup": rows[name]["request_s"] / rows[ours]["request_s"]}
     rows["memory_read_bandwidth_gbs"] = bandwidth
     return rows
 
 
 def print_table(rows: dict[str, Any]) -> None:
-    print(f"{'contender':16} {'prefill s':>10} {'tokens':>7} {'decode tok/s':>13} "
+    print(f"{'contender':16} {'prefill s':>10} {'tokens':>7} {'decode tok/s':>13} {'request s':>10} "
           f"{'GB/token':>9} {'bound tok/s':>12} {'of bound':>9}")  # fmt: skip
     for key, row in rows.items():
         if not isinstance(row, dict):
             continue
         gb = (row["weight_bytes_per_token"] + row["kv_bytes_per_token"]) / 1e9
         print(f"{key:16} {row['prefill']['median_ms'] / 1e3:10.2f} {row['prefill_tokens']:7d} "
-              f"{row['decode_tokens_per_s']:13.2f} {gb:9.3f} "
+              f"{row['decode_tokens_per_s']:13.2f} {row['request_s']:10.1f} {gb:9.3f} "
               f"{row['bandwidth_bound_tokens_per_s']:12.2f} {row['fraction_of_bound']:9.2f}")  # fmt: skip
     for key, row in rows.items():
         if isinstance(row, dict) and "vs_hf_bf16" in row:
             vs = row["vs_hf_bf16"]
             print(f"{key} vs hf_bf16: decode {vs['decode_speedup']:.2f}x, prefill "
-                  f"{vs['prefill_speedup']:.2f}x, tokens agree {vs['free_running']['agreement']:.2f} "
-                  f"free running / {vs['teacher_forced']['agreement']:.2f} teacher-forced")  # fmt: skip
+                  f"{vs['prefill_speedup']:.2f}x, request {vs['request_speedup']:.2f}x, tokens agree "
+                  f"{vs['free_running']['agreement']:.2f} free running / "
+                  f"{vs['teacher_forced']['agreement']:.2f} teacher-forced")  # fmt: skip
     print(json.dumps({"memory_read_bandwidth_gbs": rows.get("memory_read_bandwidth_gbs")}))
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="mllm: decode steps per run")
     parser.add_argument("--precision", default="int4", help="mllm: ENGINES/mllm/<precision>")
+    parser.add_argument("--hf-precision", default="int4", choices=["bf16", "int4", "int8"],
+                        help="mllm: ours (hf backend): bf16 prefill, decode on int4 / int8 copies")  # fmt: skip
+    parser.add_argument("--request-tokens", type=int, default=200,
+                        help="mllm: new tokens of the derived whole-request time (request_s)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,4 +247,6 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(table_row("decode step", key, r["decode_step"],
                        tokens_per_s=r["decode_tokens_per_s"],
                        fraction_of_bound=r["fraction_of_bound"], **agree))  # fmt: skip
+        derived = {"median_ms": r["request_s"] * 1e3}
+        out.append(table_row(f"request ({r['request_tokens']} tokens, derived)", key, derived, **agree))
     return out

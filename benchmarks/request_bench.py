@@ -11,10 +11,13 @@ recipe, on the same weights (the same loaded model objects) and the same request
   no prefix cache). Two concessions, both without cost: generation suppresses the vision special
   tokens (a trained model never emits them; random weights do), and the chat prompt, mosaic and
   tag parsing are our pure modules (string work, identical by construction).
-- ``ours``: ``build_pipeline`` (``--backend`` for SAM 3 and the CTM, transformers for the MLLM):
+- ``ours``: ``build_pipeline`` (``--backend`` for SAM 3 and the CTM, the hf backend for the MLLM):
   image features computed once, the probe skipped when no score can pass, the CTM's keys captured
-  while decoding, caches cold for every request unless ``--prefix-cache N`` (then warm after the
-  first repeat: say so when quoting it).
+  while decoding, one-query attention as float32 matmuls, caches cold for every request unless
+  ``--prefix-cache N`` (then warm after the first repeat: say so when quoting it). With
+  ``--mllm-precision int4`` / ``int8`` its decode steps run weight-only copies of the decoder
+  (bf16 prefill); the recipe always runs the model as transformers does (``as_transformers_runs_it``:
+  the bf16 weights, SDPA), so int4 / int8 change the answer: the row says by how much.
 
 Both decode exactly ``--new-tokens`` tokens unless ``--stop`` (random weights rarely stop).
 Same answer: the same completion tokens, answer phrase and route; same mask: IoU of the two masks.
@@ -39,8 +42,9 @@ from conceptseg.benchmark import RUNNERS, row, side_by_side, summary, synchroniz
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
                         help="ours: SAM 3 + CTM backend (the recipe always runs torch fp32)")  # fmt: skip
-    parser.add_argument("--mllm-precision", default="bf16", choices=["fp32", "bf16"],
-                        help="the MLLM's dtype, for both contenders (one loaded model)")  # fmt: skip
+    parser.add_argument("--mllm-precision", default="bf16", choices=["fp32", "bf16", "int4", "int8"],
+                        help="the MLLM's dtype (one loaded model); int4 / int8: ours decodes on "
+                             "weight-only copies, the recipe runs the same model's bf16 weights")  # fmt: skip
     parser.add_argument("--sam3-precision", default="fp32",
                         help="ours: fp32, bf16 (torch autocast, openvino) or int8 (onnxruntime)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=200, help="completion tokens")
@@ -71,6 +75,12 @@ class ReferenceRecipe:
         self.stop = stop
 
     def run(self, request: Any) -> dict[str, Any]:
+        from conceptseg.backends.hf_mllm import as_transformers_runs_it
+
+        with as_transformers_runs_it(self.mllm.model):
+            return self._run(request)
+
+    def _run(self, request: Any) -> dict[str, Any]:
         import torch  # heavy: the reference recipe is torch code
 
         from conceptseg import prompt, router, tags

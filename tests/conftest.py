@@ -16,6 +16,24 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lively_mllm(tiny_weights, tmp_path_factory) -> Path:
+    """The tiny MLLM with its text decoder's matrices scaled x8: seed-0 random weights echo the
+    prompt's last token forever, which would make token comparisons vacuous; scaled, the
+    completion varies."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("lively") / "mllm"
+    shutil.copytree(tiny_weights / "mllm", out)
+    tensors = load_file(out / "model.safetensors")
+    scaled = {k: v * 8 if k.startswith("model.layers.") and v.ndim == 2 else v
+              for k, v in tensors.items()}  # fmt: skip
+    save_file(scaled, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_engines(tiny_weights, tmp_path_factory) -> Path:
     """Every part (SAM 3, CTM, MLLM) exported from the tiny checkpoints through the CLI."""
     from conceptseg.cli import main

@@ -20,9 +20,11 @@ from conceptseg.weights import check_weights
 SEG_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 GRAPH_BACKENDS = ("onnxruntime", "openvino", "tensorrt")  # those that run ENGINES' exported graphs
 MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
-# --mllm-precision per backend: hf loads the checkpoint in that dtype; ort-genai picks the
-# exported ENGINES/mllm/<precision>; trtllm's precision is its quantized checkpoint's
-MLLM_PRECISIONS = {"hf": ("fp32", "bf16"), "ort-genai": ("fp32", "int4"), "trtllm": ("fp32",)}
+# --mllm-precision per backend: hf loads the checkpoint in that dtype (int4 / int8: bf16 prefill,
+# decode on weight-only int4 / int8 copies); ort-genai picks the exported ENGINES/mllm/<precision>;
+# trtllm's precision is its quantized checkpoint's
+MLLM_PRECISIONS = {"hf": ("fp32", "bf16", "int4", "int8"), "ort-genai": ("fp32", "int4"),
+                   "trtllm": ("fp32",)}  # fmt: skip
 # --sam3-precision per backend (the image encoder's): onnxruntime picks the int8 graph; torch runs
 # bf16 autocast; openvino compiles the fp32 graph for bf16; TensorRT plans take theirs from
 # `conceptseg build-engines`

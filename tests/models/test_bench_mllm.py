@@ -1,6 +1,7 @@
-"""``benchmarks/bench.py mllm`` on the tiny checkpoint: it runs both contenders for exactly the
+"""``benchmarks/bench.py mllm`` on the tiny checkpoint: it runs every contender for exactly the
 requested tokens, and its bytes-per-token figures equal counts made independently from the
-checkpoint's tensor shapes (bf16 exactly; int4 within 1% of blocks-of-32 nibbles + fp32 scales).
+checkpoint's tensor shapes (bf16 and torch int4 exactly; ort-genai int4 within 1% of
+blocks-of-32 nibbles + fp32 scales).
 
 Run: .venv/bin/pytest tests/models/test_bench_mllm.py -q
 """
@@ -58,18 +59,29 @@ def record(tiny_weights, tiny_engines):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_both_contenders_decode_the_requested_tokens(record):
+def torch_int4_bytes(shape: list[int], group: int = 32) -> int:
+    if len(shape) == 1:
+        return 2 * shape[0]  # norms and biases stay bf16
+    rows, cols = shape
+    return rows * cols // 2 + (cols // group) * rows * 2 * 2  # nibbles + bf16 (scale, zero)
+
+
+def test_every_contender_decodes_the_requested_tokens(record):
     rows = record["results"]
     assert record["target"] == "mllm" and record["machine"]["cores"] >= 1
-    for key in ("hf_bf16", "ortgenai_int4"):
+    for key in ("hf_bf16", "hf_int4", "ortgenai_int4"):
         row = rows[key]
         assert row["new_tokens"] == TOKENS
         assert row["decode_tokens_per_s"] > 0 and row["prefill"]["median_ms"] > 0
         assert row["prefill_tokens"] > 2 * 441  # two 588 px images: 441 merged patches each
         assert 0 < row["fraction_of_bound"]
-    vs = rows["ortgenai_int4"]["vs_hf_bf16"]
-    assert vs["free_running"]["tokens"] == TOKENS  # stop ids ignored: exactly TOKENS steps
-    assert vs["teacher_forced"]["tokens"] == TOKENS
+        want = row["prefill"]["median_ms"] + row["request_tokens"] * row["decode_step"]["median_ms"]
+        assert row["request_s"] == pytest.approx(want / 1e3)
+    for key in ("hf_int4", "ortgenai_int4"):
+        vs = rows[key]["vs_hf_bf16"]
+        assert vs["free_running"]["tokens"] == TOKENS  # stop ids ignored: exactly TOKENS steps
+        assert vs["teacher_forced"]["tokens"] == TOKENS
+        assert vs["request_speedup"] == pytest.approx(rows["hf_bf16"]["request_s"] / rows[key]["request_s"])
     assert rows["memory_read_bandwidth_gbs"] > 0
 
 
@@ -81,6 +93,7 @@ def test_bytes_per_token_match_the_checkpoint(record, tiny_weights):
     )
     expected = sum(int4_bytes(s) for s in tensors.values())
     assert rows["ortgenai_int4"]["weight_bytes_per_token"] == pytest.approx(expected, rel=0.01)
+    assert rows["hf_int4"]["weight_bytes_per_token"] == sum(torch_int4_bytes(s) for s in tensors.values())
     config = json.loads((tiny_weights / "mllm" / "config.json").read_text())
     text = config.get("text_config", config)
     kv_heads, layers = text["num_key_value_heads"], text["num_hidden_layers"]

@@ -11,12 +11,10 @@ Run: .venv/bin/pytest tests/models/test_ortgenai_batch.py -q
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file, save_file
 
 from conceptseg.models.qwen import mrope_positions
 from conceptseg.prompt import messages
@@ -33,15 +31,9 @@ CHUNK = 200  # prompt tokens per prefill unit: the sample prompt takes 5
 
 
 @pytest.fixture(scope="module")
-def mllm(tiny_weights, tmp_path_factory):
-    weights = tmp_path_factory.mktemp("lively-batch") / "mllm"
-    shutil.copytree(tiny_weights / "mllm", weights)
-    tensors = load_file(weights / "model.safetensors")
-    scaled = {k: v * 8 if k.startswith("model.layers.") and v.ndim == 2 else v
-              for k, v in tensors.items()}  # fmt: skip
-    save_file(scaled, weights / "model.safetensors", metadata={"format": "pt"})
+def mllm(lively_mllm, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines-batch")
-    export_mllm(weights, out, ("fp32",), verify_tokens=0)
+    export_mllm(lively_mllm, out, ("fp32",), verify_tokens=0)
     model_dir = out / "mllm" / "fp32"
     return OrtGenaiMllm(model_dir, max_new_tokens=TOKENS, threads=2, prefill_chunk=CHUNK)
 

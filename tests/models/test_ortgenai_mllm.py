@@ -10,7 +10,6 @@ Run: .venv/bin/pytest tests/models/test_ortgenai_mllm.py -q -rA   (-s prints the
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import types
 
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import ImageDraw
-from safetensors.torch import load_file, save_file
 
 from conceptseg.backends.hf_mllm import HfMllm, PrefixCache, prefix_split
 from conceptseg.models import qwen_torch
@@ -35,17 +33,6 @@ from conceptseg_export.mllm_export import (  # noqa: E402
 )
 
 TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def lively_mllm(tiny_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lively") / "mllm"
-    shutil.copytree(tiny_weights / "mllm", out)
-    tensors = load_file(out / "model.safetensors")
-    scaled = {k: v * 8 if k.startswith("model.layers.") and v.ndim == 2 else v
-              for k, v in tensors.items()}  # fmt: skip
-    save_file(scaled, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 @pytest.fixture(scope="module")

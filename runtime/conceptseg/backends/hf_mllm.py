@@ -29,6 +29,8 @@ import copy
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,56 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conceptseg.models import qwen, qwen_torch
+from conceptseg.models import decode_attention, qwen, qwen_torch, weight_only
 from conceptseg.models.qwen import VISION_END_ID
 from conceptseg.protocols import Generation
 from conceptseg.textstream import OnText, tokenizer_stream
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# bf16 model, decode steps on weight-only int4 / int8 copies of the decoder and LM head
+DECODE_MODES = weight_only.MODES
+PRECISIONS = (*DTYPES, *DECODE_MODES)
 
 
 def load_qwen(directory: Path, dtype: torch.dtype) -> Any:
     qwen.quiet_transformers()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=dtype)
     return model.eval()
+
+
+def load_for_precision(directory: Path, precision: str) -> Any:
+    """The model for ``precision`` (one of :data:`PRECISIONS`): fp32 / bf16 as loaded, or bf16
+    with its text decoder's and LM head's linear layers swapped for
+    :class:`~conceptseg.models.weight_only.DecodeLinear` (the vision tower only prefills). The
+    text decoder's one-query steps run :mod:`~conceptseg.models.decode_attention` (float32 math;
+    ``decode_attention.stock(model)`` puts transformers' SDPA back)."""
+    assert precision in PRECISIONS, f"precision {precision!r} is not one of {PRECISIONS}"
+    model = load_qwen(directory, DTYPES.get(precision, torch.bfloat16))
+    decode_attention.use(model)
+    if precision in DECODE_MODES:
+        kept = weight_only.quantize_decode(model.model.language_model, precision)
+        assert not kept, f"{precision} kernels do not take these layers' shapes: {kept}"
+        model.lm_head = weight_only.DecodeLinear(model.lm_head, precision)
+    return model
+
+
+@contextmanager
+def as_transformers_runs_it(model: Any) -> Iterator[None]:
+    """Within: ``model`` computes as transformers loads and runs it (for benchmarks and the
+    reference recipe on a shared model): every weight-only layer on its own bf16 weight, the
+    text decoder on SDPA. Outside: as it was."""
+    layers = [m for m in model.modules() if isinstance(m, weight_only.DecodeLinear)]
+    rows = [layer.max_rows for layer in layers]
+    attention = model.config.text_config._attn_implementation
+    for layer in layers:
+        layer.max_rows = 0
+    decode_attention.stock(model)
+    try:
+        yield
+    finally:
+        for layer, n in zip(layers, rows, strict=True):
+            layer.max_rows = n
+        model.set_attn_implementation({"text_config": attention})
 
 
 class PrefixCache:
@@ -90,8 +130,10 @@ class HfMllm:
     """``generate(messages, images) -> Generation`` on a local ConceptSeg-R1 checkpoint.
 
     The exact reference: one request at a time (a ``generate`` call holds the model to the end),
-    in fp32 (``precision="bf16"`` halves the memory). Concurrent requests are batched by the
-    ort-genai and trtllm backends, not here.
+    in fp32 (``precision="bf16"`` halves the memory). ``precision="int4"`` / ``"int8"``: the
+    fastest CPU path, bf16 prefill on AMX and decode steps on weight-only int4 (group 32) / int8
+    copies of the decoder and LM head (:mod:`conceptseg.models.weight_only`). Concurrent requests
+    are batched by the ort-genai and trtllm backends, not here.
     """
 
     def __init__(
@@ -104,7 +146,7 @@ class HfMllm:
         prefix_cache: int = 0,
     ) -> None:
         self.directory = Path(directory)
-        self.model = load_qwen(self.directory, DTYPES[precision])
+        self.model = load_for_precision(self.directory, precision)
         self.processor = qwen.load_processor(self.directory)
         rule = qwen.stop_rule(self.directory)
         self.stop_ids, self.repetition_penalty = set(rule.stop_ids), rule.repetition_penalty
@@ -160,8 +202,12 @@ class HfMllm:
         messages: list[dict[str, Any]],
         images: list[Image.Image],
         on_text: OnText | None = None,
+        forced: list[int] | None = None,
     ) -> Generation:
-        """Greedy completion; ``on_text`` (optional) receives the text as deltas while decoding."""
+        """Greedy completion; ``on_text`` (optional) receives the text as deltas while decoding.
+        With ``forced``, teacher forcing (as ``OrtGenaiMllm.decode``): ``forced`` is fed back
+        instead of the model's choices; ``token_ids`` holds the choices, ``hidden`` the states of
+        the forced tokens (for per-step agreement of a quantized decode with a reference)."""
         stream = tokenizer_stream(self.processor.tokenizer, on_text)
         inputs = self.prompt_inputs(messages, images)
         model = self.model
@@ -181,14 +227,17 @@ class HfMllm:
         cache, seen = out.past_key_values, inputs["input_ids"]
         prompt_tokens = seen.shape[1]
         budget = min(self.max_new_tokens, self.max_length - prompt_tokens)
+        if forced is not None:
+            budget = min(budget, len(forced))
         tokens: list[int] = []
         states: list[torch.Tensor] = []
         stopped = False
         # 2) decode: each chosen token is fed back once; its output state is the CTM's key for it
         t1 = time.perf_counter()
         while len(tokens) < budget:
-            token = qwen_torch.next_token(logits, seen, self.repetition_penalty)
-            tokens.append(token)
+            choice = qwen_torch.next_token(logits, seen, self.repetition_penalty)
+            tokens.append(choice)
+            token = choice if forced is None else forced[len(tokens) - 1]
             if stream is not None:
                 stream.push(token)
             step = torch.tensor([[token]])

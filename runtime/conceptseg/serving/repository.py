@@ -95,7 +95,7 @@ class RepoOptions:
     engine_threads: int = 0  # ONNX Runtime intra-op threads per cpu engine model (0: all cores)
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # PipelineConfig fields
     mllm_backend: str = ""  # "hf" | "ort-genai" | "trtllm"; default: hf on cpu, trtllm on gpu
-    mllm_precision: str = "fp32"  # hf: fp32 | bf16; ort-genai: ENGINES/mllm/<precision>
+    mllm_precision: str = "fp32"  # hf: fp32 | bf16 | int4 | int8; ort-genai: ENGINES/mllm/<precision>
     mllm_path: Path | None = None  # default: manifest "mllm" (hf), ENGINES/mllm/<precision>
     # (ort-genai), the one ENGINES/trtllm-* checkpoint (trtllm)
     prefix_cache: int = 4  # hf: KV of the last N reference mosaics reused
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--mllm-backend", default="", choices=["", *MLLM_BACKENDS])
     parser.add_argument(
-        "--mllm-precision", default="fp32", help="hf: fp32 or bf16; ort-genai: fp32 or int4"
+        "--mllm-precision", default="fp32", help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4"
     )
     parser.add_argument("--mllm-path", type=Path, default=None)
     parser.add_argument("--max-batch-size", type=int, default=8)

@@ -51,7 +51,9 @@ class ServeConfig:
     orchestrator_instances: int = field(default=2, metadata=INTERNAL)
     engine_threads: int = field(default=0, metadata=INTERNAL)
     mllm_backend: str = _flag("", "default: hf on cpu, trtllm on gpu", ("", *MLLM_BACKENDS))
-    mllm_precision: str = _flag("fp32", "hf: fp32 or bf16; ort-genai: fp32 or int4")
+    mllm_precision: str = _flag(
+        "fp32", "hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4"
+    )
     engine_runtime: str = _flag(
         "openvino",
         "cpu: what runs the SAM 3 and CTM graphs (fp32; onnxruntime as before 3 December 2026)",
