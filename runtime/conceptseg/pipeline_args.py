@@ -57,7 +57,9 @@ def add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = 
     p.add_argument("--plans", default=None, help="TensorRT plans (default: the one ENGINES/trt-*)")
     p.add_argument("--mllm-backend", default="hf", choices=MLLM_BACKENDS, help="MLLM backend")
     p.add_argument(
-        "--mllm-precision", default="fp32", help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4"
+        "--mllm-precision",
+        default="fp32",
+        help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4",
     )
     p.add_argument("--sam3-precision", default="fp32", choices=(*SAM3_PRECISIONS, "bf16"),
                    help="the image encoder: int8 weights (onnxruntime), bf16 autocast (torch) "

@@ -83,6 +83,10 @@ def test_every_contender_decodes_the_requested_tokens(record):
         assert vs["teacher_forced"]["tokens"] == TOKENS
         assert vs["request_speedup"] == pytest.approx(rows["hf_bf16"]["request_s"] / rows[key]["request_s"])
     assert rows["memory_read_bandwidth_gbs"] > 0
+    derived = {r["contender"]: r for r in record["rows"] if r["step"].startswith("request (")}
+    assert set(derived) == {"hf_bf16", "hf_int4", "ortgenai_int4"}
+    for key, row in derived.items():
+        assert row["p50_ms"] == pytest.approx(rows[key]["request_s"] * 1e3)
 
 
 def test_bytes_per_token_match_the_checkpoint(record, tiny_weights):

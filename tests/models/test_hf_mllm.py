@@ -181,14 +181,14 @@ def test_weight_only_decode_is_bf16_prefill_then_the_quantized_decoder(lively_ml
         """Max relative L2 of the captured states vs the prompt in bf16, then the 12 completion
         tokens in one forward on the bf16 path through ``decode_weights``."""
         cache = model.model(**inputs, use_cache=True).past_key_values
-        kept = [layer.weight.data for layer in layers]
+        kept = [(layer.weight.data, layer.max_rows) for layer in layers]
         for layer, weight in zip(layers, decode_weights, strict=True):
             layer.weight.data, layer.max_rows = weight, 0
         try:
             out = model.model(input_ids=torch.tensor([gen.token_ids]), past_key_values=cache)
         finally:
-            for layer, weight in zip(layers, kept, strict=True):
-                layer.weight.data, layer.max_rows = weight, 16
+            for layer, (weight, rows) in zip(layers, kept, strict=True):
+                layer.weight.data, layer.max_rows = weight, rows
         ref = out.last_hidden_state[0].float().numpy()
         return float((np.linalg.norm(gen.hidden - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
 
@@ -221,16 +221,37 @@ def test_as_transformers_runs_it_is_the_stock_bf16_model(lively_mllm):
     assert quantized.generate(msgs, images).token_ids == before.token_ids != want.token_ids
 
 
-def test_decode_attention_matches_sdpa_in_fp32(tiny_weights):
-    """The one-query attention (float32 matmuls) against transformers' SDPA on the fp32 model:
-    same tokens, states within 1e-5."""
+def test_decode_attention_matches_sdpa_in_fp32(lively_mllm):
+    """The one-query attention (float32 matmuls) against transformers' SDPA on the fp32 model
+    (which keeps SDPA: the exact reference): same tokens, states within 1e-5."""
     from conceptseg.models import decode_attention
 
     msgs, images = _inputs()
-    mllm = HfMllm(tiny_weights / "mllm", max_new_tokens=8)
-    assert mllm.model.config.text_config._attn_implementation == decode_attention.NAME
-    ours = mllm.generate(msgs, images)
-    decode_attention.stock(mllm.model)
+    mllm = HfMllm(lively_mllm, max_new_tokens=8)
+    assert mllm.model.config.text_config._attn_implementation == "sdpa"
     sdpa = mllm.generate(msgs, images)
-    assert ours.token_ids == sdpa.token_ids
+    decode_attention.use(mllm.model)
+    ours = mllm.generate(msgs, images)
+    assert ours.token_ids == sdpa.token_ids and len(set(ours.token_ids)) > 3
     np.testing.assert_allclose(ours.hidden, sdpa.hidden, rtol=0, atol=1e-5)
+
+
+def test_teacher_forcing_reports_choices_and_the_forced_states(lively_mllm):
+    """``forced`` = the model's own tokens reproduces its generation; another sequence gives the
+    states of that sequence (a full re-forward over it) and the choices after each forced prefix."""
+    from conceptseg.backends.hf_mllm import full_forward_states
+
+    msgs, images = _inputs()
+    mllm = HfMllm(lively_mllm, max_new_tokens=8)
+    own = mllm.generate(msgs, images)
+    again = mllm.generate(msgs, images, forced=own.token_ids)
+    assert again.token_ids == own.token_ids
+    np.testing.assert_allclose(again.hidden, own.hidden, rtol=0, atol=1e-5)
+    other = [own.token_ids[0], *own.token_ids[:1] * 5]  # repeated: not what greedy picks
+    streamed = []
+    forced = mllm.generate(msgs, images, on_text=streamed.append, forced=other)
+    assert len(forced.token_ids) == 6 and forced.token_ids != other
+    assert "".join(streamed) == forced.text  # the stream carries the choices, like the text
+    inputs = mllm.prompt_inputs(msgs, images)
+    ref = full_forward_states(mllm.model, inputs, other)[inputs["input_ids"].shape[1]:]
+    np.testing.assert_allclose(forced.hidden, ref, rtol=0, atol=1e-4)

@@ -68,7 +68,9 @@ def test_pipeline_on_openvino_matches_onnxruntime(tiny_weights, tiny_engines):
     ort = runs["onnxruntime", "fp32"]
     for key, run in runs.items():
         assert run.route == ort.route == "reason" and run.text == ort.text, key
-    assert iou(runs["openvino", "fp32"].mask, ort.mask) == 1.0
+    # fp32 on both: pixel-identical on the Intel AMX host; a handful of boundary pixels differ on
+    # the AMD host (other kernels, summation order)
+    assert iou(runs["openvino", "fp32"].mask, ort.mask) >= 0.9999
     overlap = iou(runs["openvino", "bf16"].mask, ort.mask)
     print(f"\nOpenVINO bf16 image encoder vs ONNX Runtime fp32: mask IoU {overlap:.4f}")
     assert overlap >= 0.95

@@ -212,5 +212,5 @@ def test_mllm_precision_reaches_the_mllm_model_and_is_checked(engines, tmp_path)
     )
     mllm = ft.parse_config(repo / "mllm" / "config.pbtxt")
     assert mllm.parameters["mllm_precision"].string_value == "bf16"
-    with pytest.raises(ft.TemplateError, match="mllm precision 'int4': hf takes"):
-        ft.model_values("cpu", engines, ft.RepoOptions(mllm_precision="int4"))
+    with pytest.raises(ft.TemplateError, match="mllm precision 'fp16': hf takes"):
+        ft.model_values("cpu", engines, ft.RepoOptions(mllm_precision="fp16"))

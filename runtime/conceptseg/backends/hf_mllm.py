@@ -59,12 +59,14 @@ def load_qwen(directory: Path, dtype: torch.dtype) -> Any:
 def load_for_precision(directory: Path, precision: str) -> Any:
     """The model for ``precision`` (one of :data:`PRECISIONS`): fp32 / bf16 as loaded, or bf16
     with its text decoder's and LM head's linear layers swapped for
-    :class:`~conceptseg.models.weight_only.DecodeLinear` (the vision tower only prefills). The
-    text decoder's one-query steps run :mod:`~conceptseg.models.decode_attention` (float32 math;
-    ``decode_attention.stock(model)`` puts transformers' SDPA back)."""
+    :class:`~conceptseg.models.weight_only.DecodeLinear` (the vision tower only prefills). Except
+    in fp32 (the exact reference: transformers as it is), the text decoder's one-query steps run
+    :mod:`~conceptseg.models.decode_attention` (float32 math; ``decode_attention.stock(model)``
+    puts transformers' SDPA back)."""
     assert precision in PRECISIONS, f"precision {precision!r} is not one of {PRECISIONS}"
     model = load_qwen(directory, DTYPES.get(precision, torch.bfloat16))
-    decode_attention.use(model)
+    if precision != "fp32":
+        decode_attention.use(model)
     if precision in DECODE_MODES:
         kept = weight_only.quantize_decode(model.model.language_model, precision)
         assert not kept, f"{precision} kernels do not take these layers' shapes: {kept}"
@@ -131,8 +133,8 @@ class HfMllm:
 
     The exact reference: one request at a time (a ``generate`` call holds the model to the end),
     in fp32 (``precision="bf16"`` halves the memory). ``precision="int4"`` / ``"int8"``: the
-    fastest CPU path, bf16 prefill on AMX and decode steps on weight-only int4 (group 32) / int8
-    copies of the decoder and LM head (:mod:`conceptseg.models.weight_only`). Concurrent requests
+    fastest CPU path, bf16 prefill (AMX tiles or AVX-512 BF16) and decode steps on weight-only
+    int4 (group 32) / int8 copies of the decoder and LM head (:mod:`conceptseg.models.weight_only`). Concurrent requests
     are batched by the ort-genai and trtllm backends, not here.
     """
 
@@ -239,7 +241,7 @@ class HfMllm:
             tokens.append(choice)
             token = choice if forced is None else forced[len(tokens) - 1]
             if stream is not None:
-                stream.push(token)
+                stream.push(choice)  # the text is the choices' (as OrtGenaiMllm.decode)
             step = torch.tensor([[token]])
             seen = torch.cat([seen, step], dim=1)
             out = model.model(input_ids=step, past_key_values=cache, use_cache=True)

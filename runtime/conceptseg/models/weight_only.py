@@ -4,15 +4,16 @@ Decoding is memory-bound: every step reads every weight once, and the bf16 copy 
 at 3B. A decode step has one row per sequence, so :class:`DecodeLinear` multiplies those few rows
 with a packed low-bit copy of the weight (torch's CPU kernels ``_weight_int4pack_mm_for_cpu`` and
 ``_weight_int8pack_mm``, bf16 activations) and keeps the bf16 weight for the prefill, where the
-work is compute-bound and bf16 runs on AMX tiles (at 1144 rows x 2048 x 11008, 2 threads here:
-bf16 147 ms, the int4 kernel 397 ms; at one row int4 0.8 ms, bf16 7.1 ms).
+work is compute-bound and bf16 GEMMs run on AMX tiles or AVX-512 BF16 (at 1144 rows x 2048 x
+11008, 2 threads here: bf16 147 ms, the int4 kernel 397 ms; at one row int4 0.8 ms, bf16 7.1 ms).
 
 - ``int4``: asymmetric round-to-nearest per group of ``group`` input channels, in the layout of
   torch's int4 kernel: ``w ~ (q - 8) * scale + zero`` with ``q`` in 0..15 and ``(scale, zero)``
   in bf16 per group and output channel (torchao's ``int4_weight_only`` uses the same kernel).
 - ``int8``: symmetric per output channel, ``w ~ q * scale`` with ``q`` in -127..127.
 
-Both copies stay resident (int4 adds a quarter of the bf16 bytes, int8 a half).
+Both copies stay resident (int4 adds ~31 % of the bf16 bytes: nibbles + a bf16 scale and zero
+per 32 weights; int8 ~50 %).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tenso
     assert k % group == 0, f"input channels {k} are not a multiple of the group {group}"
     w = weight.float().reshape(n, k // group, group)
     low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=1e-6)
-    q = ((w - low) / scale).round().clamp(0, 15)
-    zero = low + 8 * scale
+    # scale and zero as the kernel will read them (bf16), then each weight rounded against those
+    scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    q = ((w - zero) / scale + 8).round().clamp(0, 15)
     scales_and_zeros = torch.stack([scale[..., 0].t(), zero[..., 0].t()], dim=-1)
     return q.to(torch.int32).reshape(n, k), scales_and_zeros.to(torch.bfloat16).contiguous()
 

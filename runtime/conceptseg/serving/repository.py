@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--mllm-backend", default="", choices=["", *MLLM_BACKENDS])
     parser.add_argument(
-        "--mllm-precision", default="fp32", help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4"
+        "--mllm-precision",
+        default="fp32",
+        help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4",
     )
     parser.add_argument("--mllm-path", type=Path, default=None)
     parser.add_argument("--max-batch-size", type=int, default=8)
