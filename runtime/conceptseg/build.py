@@ -25,6 +25,9 @@ MLLM_BACKENDS = ("hf", "ort-genai", "trtllm")
 # trtllm's precision is its quantized checkpoint's
 MLLM_PRECISIONS = {"hf": ("fp32", "bf16", "int4", "int8"), "ort-genai": ("fp32", "int4"),
                    "trtllm": ("fp32",)}  # fmt: skip
+MLLM_PRECISION_HELP = (
+    "hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4"
+)
 # --sam3-precision per backend (the image encoder's): onnxruntime picks the int8 graph; torch runs
 # bf16 autocast; openvino compiles the fp32 graph for bf16; TensorRT plans take theirs from
 # `conceptseg build-engines`

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptseg import config as cfg
-from conceptseg.build import MLLM_BACKENDS, SEG_BACKENDS, build_pipeline
+from conceptseg.build import MLLM_BACKENDS, MLLM_PRECISION_HELP, SEG_BACKENDS, build_pipeline
 from conceptseg.models.engines import SAM3_PRECISIONS
 from conceptseg.pipeline import check_request
 from conceptseg.types import Request, UsageError
@@ -59,7 +59,7 @@ def add_pipeline_args(p: argparse.ArgumentParser, weights_default: str | None = 
     p.add_argument(
         "--mllm-precision",
         default="fp32",
-        help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4",
+        help=MLLM_PRECISION_HELP,
     )
     p.add_argument("--sam3-precision", default="fp32", choices=(*SAM3_PRECISIONS, "bf16"),
                    help="the image encoder: int8 weights (onnxruntime), bf16 autocast (torch) "

@@ -104,7 +104,7 @@ class DecodeLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.mode}, rows <= {self.max_rows}"
 
 
-def quantize_decode(root: nn.Module, mode: str, max_rows: int = MAX_ROWS) -> list[str]:
+def quantize_decode(root: nn.Module, mode: str) -> list[str]:
     """Swap every ``nn.Linear`` under ``root`` for a :class:`DecodeLinear` where the kernel takes
     its shape; returns the names of those it kept as they were. The layers' parameters must be
     bf16 (load the model with ``dtype=torch.bfloat16``)."""
@@ -117,5 +117,5 @@ def quantize_decode(root: nn.Module, mode: str, max_rows: int = MAX_ROWS) -> lis
                 kept.append(f"{prefix}.{name}" if prefix else name)
                 continue
             assert child.weight.dtype == torch.bfloat16, f"{prefix}.{name} is {child.weight.dtype}, not bf16"
-            setattr(parent, name, DecodeLinear(child, mode, max_rows=max_rows))
+            setattr(parent, name, DecodeLinear(child, mode))
     return kept

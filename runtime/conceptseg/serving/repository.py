@@ -37,6 +37,7 @@ from conceptseg import contract
 from conceptseg.build import (
     CPU_ENGINE_RUNTIMES,
     MLLM_BACKENDS,
+    MLLM_PRECISION_HELP,
     MLLM_PRECISIONS,
     SERVE_CPU_SAM3_PRECISIONS,
 )
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mllm-precision",
         default="fp32",
-        help="hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4",
+        help=MLLM_PRECISION_HELP,
     )
     parser.add_argument("--mllm-path", type=Path, default=None)
     parser.add_argument("--max-batch-size", type=int, default=8)

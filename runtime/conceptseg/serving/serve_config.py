@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conceptseg.build import CPU_ENGINE_RUNTIMES, MLLM_BACKENDS, SERVE_CPU_SAM3_PRECISIONS
+from conceptseg.build import (
+    CPU_ENGINE_RUNTIMES,
+    MLLM_BACKENDS,
+    MLLM_PRECISION_HELP,
+    SERVE_CPU_SAM3_PRECISIONS,
+)
 
 LOCALHOST = "127.0.0.1"
 INTERNAL = {"cli": False}
@@ -51,9 +56,7 @@ class ServeConfig:
     orchestrator_instances: int = field(default=2, metadata=INTERNAL)
     engine_threads: int = field(default=0, metadata=INTERNAL)
     mllm_backend: str = _flag("", "default: hf on cpu, trtllm on gpu", ("", *MLLM_BACKENDS))
-    mllm_precision: str = _flag(
-        "fp32", "hf: fp32, bf16, int4 or int8 (bf16 prefill, weight-only decode); ort-genai: fp32 or int4"
-    )
+    mllm_precision: str = _flag("fp32", MLLM_PRECISION_HELP)
     engine_runtime: str = _flag(
         "openvino",
         "cpu: what runs the SAM 3 and CTM graphs (fp32; onnxruntime as before 3 December 2026)",
