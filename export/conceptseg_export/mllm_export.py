@@ -57,6 +57,7 @@ from conceptseg.prompt import mllm_inputs
 from conceptseg.samples import sample_request
 from conceptseg.types import UsageError
 from conceptseg.weights import safetensors_files
+from conceptseg_export import genai_builder
 from conceptseg_export.export_config import MLLM_PRECISIONS
 from conceptseg_export.manifest import export_versions, sha256_files
 
@@ -194,14 +195,16 @@ def _stage_checkpoint(mllm_dir: Path, stage: Path) -> None:
 def build_decoder(
     stage: Path, out: Path, precision: str, cache: Path, accuracy_level: int = 4
 ) -> float:
-    """Run ort-genai's model builder (its CLI, in a child process: it prints a lot and keeps the
-    whole model in memory) for the text decoder; returns seconds. The log goes to ``out/builder.log``.
-    int4: symmetric RTN, blocks of 32; ``accuracy_level`` 4 computes with int8 activations (the
-    CPU default, fastest), 1 with fp32 activations."""
+    """Run ort-genai's model builder for the text decoder, in a child process (it prints a lot),
+    with its int4 pass one weight at a time (:mod:`conceptseg_export.genai_builder`: the same
+    bytes, a fraction of the memory); returns seconds. The log goes to ``out/builder.log``, the
+    builder's peak memory to ``out/builder_memory.json``. int4: symmetric RTN, blocks of 32;
+    ``accuracy_level`` 4 computes with int8 activations (the CPU default, fastest), 1 with fp32
+    activations."""
     options = ["exclude_embeds=true", "include_hidden_states=true", "prune_lm_head=true"]
     if precision == "int4":
         options += ["block_size=32", f"accuracy_level={accuracy_level}", "is_symmetric=true"]
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(stage),
+    command = [sys.executable, "-m", "conceptseg_export.genai_builder", "-i", str(stage),
                "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache),
                "--extra_options", *options]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +434,9 @@ def export_mllm(
             config = genai_config(built, hf_config)
             (target / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
             _link_shared(root, target)
-            record["decoders"][precision] = {"dir": precision, "build_seconds": round(seconds, 2)}
+            memory = json.loads((target / genai_builder.MEMORY_FILE).read_text())
+            record["decoders"][precision] = {"dir": precision, "build_seconds": round(seconds, 2),
+                                             "builder_memory": memory}  # fmt: skip
     if verify_tokens:
         for precision, figures in verify(mllm_dir, root, precisions, verify_tokens).items():
             record["decoders"][precision]["vs_hf"] = figures
