@@ -2,15 +2,15 @@
 conceptseg_export.genai_builder`` takes the builder's own arguments).
 
 onnxruntime-genai 0.18's builder emits the decoder with float ``MatMul`` nodes whose weights are
-lazy casts of the checkpoint's (transformers maps the safetensors, so the bf16 checkpoint costs
-page cache, not memory), then quantizes the whole graph at once: ``Model.to_nbits`` hands
-``ir.to_proto(model)``, every weight materialized in fp32, to ORT's ``MatMulNBitsQuantizer``.
-That is 12 GB at 3B and ~28 GB at 7B: more than a 24 GiB machine has. Here ``to_nbits`` gives
-one ``MatMul`` at a time to the same per-node quantizer (ORT's ``DefaultWeightOnlyQuantizer``,
-which ``MatMulNBitsQuantizer`` calls for each node) and drops the float weight before the next,
-so the peak is the int4 model plus one float weight. The output is the builder's own, tensor
-for tensor (``tests/export/test_genai_builder.py``); configurations other than plain RTN in the
-QOperator format (what ``build_decoder`` asks for) take the builder's own pass.
+lazy casts of the checkpoint's, then quantizes the whole graph at once: ``Model.to_nbits`` hands
+``ir.to_proto(model)``, every weight materialized in fp32, to ORT's ``MatMulNBitsQuantizer``
+(~12 GB at 3B, ~28 GB at 7B). Here ``to_nbits`` gives one ``MatMul`` at a time to the same
+per-node quantizer (ORT's ``DefaultWeightOnlyQuantizer``, which ``MatMulNBitsQuantizer`` calls
+for each node) and drops the float weight before the next. The output is the builder's own,
+byte for byte (``tests/models/test_genai_builder.py``); configurations other than plain RTN in
+the QOperator format (what ``build_decoder`` asks for) take the builder's own pass. Not yet
+enough for 7B on 24 GiB: the 7B build was still killed for memory (14.7 GB anonymous in this
+process at the kill, 4 December 2026), and what holds it is not found yet.
 
 The process's peak memory goes to ``OUT/builder_memory.json``: ``VmHWM`` (peak resident set,
 which counts the mapped checkpoint pages the builder read: page cache the kernel can drop) and
@@ -118,8 +118,9 @@ def streaming_to_nbits(builder: Any, fallback: Any) -> ir.Model:
         proto, tensors = _quantize_one(quantizer, node)
         inputs: list[ir.Value | None] = [node.inputs[0]]
         for tensor in tensors:
-            value = ir.Value(name=tensor.name, const_value=ir.serde.deserialize_tensor(tensor))
-            value.shape, value.dtype = value.const_value.shape, value.const_value.dtype
+            const = ir.serde.deserialize_tensor(tensor)
+            value = ir.Value(name=tensor.name, shape=const.shape, type=ir.TensorType(const.dtype),
+                             const_value=const)  # fmt: skip
             graph.register_initializer(value)
             inputs.append(value)
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in proto.attribute}

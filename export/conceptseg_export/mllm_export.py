@@ -197,7 +197,7 @@ def build_decoder(
 ) -> float:
     """Run ort-genai's model builder for the text decoder, in a child process (it prints a lot),
     with its int4 pass one weight at a time (:mod:`conceptseg_export.genai_builder`: the same
-    bytes, a fraction of the memory); returns seconds. The log goes to ``out/builder.log``, the
+    bytes, no fp32 copy of the whole decoder); returns seconds. The log goes to ``out/builder.log``, the
     builder's peak memory to ``out/builder_memory.json``. int4: symmetric RTN, blocks of 32;
     ``accuracy_level`` 4 computes with int8 activations (the CPU default, fastest), 1 with fp32
     activations."""
