@@ -19,8 +19,10 @@ the peak of ``RssAnon`` sampled every 50 ms (the memory the builder itself holds
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import runpy
 import sys
 import threading
 import time
@@ -30,6 +32,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    DefaultWeightOnlyQuantConfig,
+    DefaultWeightOnlyQuantizer,
+)
 
 MEMORY_FILE = "builder_memory.json"
 _SAMPLE_S = 0.05
@@ -97,11 +103,6 @@ def streaming_to_nbits(builder: Any, fallback: Any) -> ir.Model:
     """``Model.to_nbits``, one ``MatMul`` at a time (see the module docstring)."""
     if not _plain_rtn(builder):
         return fallback(builder)
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        DefaultWeightOnlyQuantizer,
-    )
-
     attrs = builder.quant_attrs
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
         block_size=attrs["matmul_block_size"], is_symmetric=attrs["is_symmetric"],
@@ -140,12 +141,12 @@ def streaming_to_nbits(builder: Any, fallback: Any) -> ir.Model:
 
 
 def main(argv: list[str]) -> int:
-    import runpy
-
     watch = MemoryWatch()
     sys.argv = ["onnxruntime_genai.models.builder", *argv]
     import onnxruntime_genai.models  # type: ignore[import-untyped]  # noqa: F401  (puts the builder's modules on sys.path)
-    from builders.base import Model  # type: ignore[import-not-found]  # the builder's layout
+    # the builder imports its own modules by top-level names (``builders.base``), not as
+    # ``onnxruntime_genai.models.builders.base``: patch the class it will use
+    Model = importlib.import_module("builders.base").Model
 
     original = Model.to_nbits
     Model.to_nbits = lambda self: streaming_to_nbits(self, original)
