@@ -8,9 +8,10 @@ lazy casts of the checkpoint's, then quantizes the whole graph at once: ``Model.
 per-node quantizer (ORT's ``DefaultWeightOnlyQuantizer``, which ``MatMulNBitsQuantizer`` calls
 for each node) and drops the float weight before the next. The output is the builder's own,
 byte for byte (``tests/models/test_genai_builder.py``); configurations other than plain RTN in
-the QOperator format (what ``build_decoder`` asks for) take the builder's own pass. Not yet
-enough for 7B on 24 GiB: the 7B build was still killed for memory (14.7 GB anonymous in this
-process at the kill, 4 December 2026), and what holds it is not found yet.
+the QOperator format (what ``build_decoder`` asks for) take the builder's own pass. Two things
+kept the first 7B builds from fitting in 24 GiB: the quantizer's output tensors, held as
+protobuf messages, kept each fp32 weight alive (:func:`_quantize_columns`), and the 7B LM
+head's fp32 copy is past protobuf's 2 GB limit (:func:`_quantize_one` slices it by columns).
 
 The process's peak memory goes to ``OUT/builder_memory.json``: ``VmHWM`` (peak resident set,
 which counts the mapped checkpoint pages the builder read: page cache the kernel can drop) and
@@ -38,6 +39,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
 )
 
 MEMORY_FILE = "builder_memory.json"
+PROTO_BYTES = 2**30  # a weight above this goes to the quantizer in slices (protobuf stops at 2 GB)
 _SAMPLE_S = 0.05
 
 
@@ -81,22 +83,55 @@ def _plain_rtn(builder: Any) -> bool:
     )
 
 
-def _quantize_one(quantizer: Any, node: ir.Node) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """ORT's quantizer on a graph of ``node`` and its weight alone: the new node and tensors."""
-    weight = node.inputs[1]
-    assert weight is not None and weight.const_value is not None and weight.name
-    array = np.ascontiguousarray(weight.const_value.numpy())  # the lazy cast runs here
+def _quantize_columns(quantizer: Any, node: ir.Node, array: np.ndarray
+                      ) -> tuple[onnx.NodeProto, list[ir.Tensor]]:  # fmt: skip
+    """ORT's quantizer on a graph of ``node`` and ``array`` (its weight, or some of its columns)
+    alone: the new node and tensors.
+
+    The tensors come back as numpy copies, not as the quantizer's ``TensorProto``: with the upb
+    protobuf runtime a message keeps its whole arena alive, so holding one of the graph's
+    initializers would hold the fp32 weight too (every weight of the model, by the end: what
+    killed the first 7B builds for memory)."""
+    weight, activation = node.inputs[1], node.inputs[0]
+    assert weight is not None and weight.name and activation is not None and activation.name
+    assert node.outputs[0].name
     tensor = onnx.numpy_helper.from_array(array, weight.name)
-    del array
-    activation = node.inputs[0]
-    assert activation is not None and activation.name and node.outputs[0].name
     proto = onnx.helper.make_node(
         "MatMul", [activation.name, weight.name], [node.outputs[0].name], name=node.name
     )
     graph = onnx.helper.make_graph([proto], "one", [], [], initializer=[tensor])
     new_nodes = quantizer.quantize_matmul(proto, [graph])
     assert len(new_nodes) == 1 and new_nodes[0].op_type == "MatMulNBits", new_nodes
-    return new_nodes[0], [t for t in graph.initializer if t.name != weight.name]
+    new_node = onnx.NodeProto()
+    new_node.CopyFrom(new_nodes[0])
+    tensors = [ir.Tensor(np.array(onnx.numpy_helper.to_array(t)), name=t.name)
+               for t in graph.initializer if t.name != weight.name]  # fmt: skip
+    return new_node, tensors
+
+
+def _quantize_one(quantizer: Any, node: ir.Node) -> tuple[onnx.NodeProto, list[ir.Tensor]]:
+    """:func:`_quantize_columns` on ``node``'s whole weight, or, where its fp32 copy passes
+    protobuf's 2 GB message limit (the 7B LM head: 3584 x 152064, 2.2 GB), on slices of at most
+    ``PROTO_BYTES`` of columns. ORT quantizes each column (output feature) on its own and lays
+    its tensors out column by column, so the slices' tensors joined along their first axis are
+    the whole weight's, byte for byte (tested)."""
+    weight = node.inputs[1]
+    assert weight is not None and weight.const_value is not None
+    array = np.ascontiguousarray(weight.const_value.numpy())  # the lazy cast runs here
+    if array.nbytes <= PROTO_BYTES:
+        return _quantize_columns(quantizer, node, array)
+    rows, cols = array.shape
+    width = max(1, PROTO_BYTES // (rows * array.itemsize))
+    parts = [_quantize_columns(quantizer, node, np.ascontiguousarray(array[:, i : i + width]))
+             for i in range(0, cols, width)]  # fmt: skip
+    del array
+    new_node = parts[0][0]
+    for attribute in new_node.attribute:
+        if attribute.name == "N":
+            attribute.i = cols
+    joined = [ir.Tensor(np.concatenate([p[1][i].numpy() for p in parts]), name=t.name)
+              for i, t in enumerate(parts[0][1])]  # fmt: skip
+    return new_node, joined
 
 
 def streaming_to_nbits(builder: Any, fallback: Any) -> ir.Model:
@@ -118,9 +153,8 @@ def streaming_to_nbits(builder: Any, fallback: Any) -> ir.Model:
             continue  # what ORT's pass leaves alone: activations times activations, N-D weights
         proto, tensors = _quantize_one(quantizer, node)
         inputs: list[ir.Value | None] = [node.inputs[0]]
-        for tensor in tensors:
-            const = ir.serde.deserialize_tensor(tensor)
-            value = ir.Value(name=tensor.name, shape=const.shape, type=ir.TensorType(const.dtype),
+        for const in tensors:
+            value = ir.Value(name=const.name, shape=const.shape, type=ir.TensorType(const.dtype),
                              const_value=const)  # fmt: skip
             graph.register_initializer(value)
             inputs.append(value)

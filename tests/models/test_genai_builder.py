@@ -12,8 +12,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    DefaultWeightOnlyQuantConfig,
+    DefaultWeightOnlyQuantizer,
+)
 
 from conceptseg_export import genai_builder
 from conceptseg_export.mllm_export import _stage_checkpoint
@@ -76,3 +82,67 @@ def test_other_configurations_take_the_builders_pass():
         == "theirs"
     )
     assert len(calls) == 1
+
+
+def _anon_mb():
+    return genai_builder._status_kb("RssAnon") / 1024
+
+
+def test_the_pass_holds_no_float_weight():
+    """What stays behind after the pass is the int4 weights, not the fp32 ones: 8 lazy fp32
+    weights of 32 MB each leave about 5 MB each (int4 blocks and scales). Holding the
+    quantizer's TensorProtos kept each fp32 weight alive with them (~300 MB here)."""
+    rows, cols, count = 2048, 4096, 8
+    x = ir.Value(name="x", shape=ir.Shape(["n", rows]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 21})
+    for i in range(count):  # x @ w_i for each i, side by side
+
+        def make(i=i):
+            return ir.Tensor(np.random.default_rng(i).standard_normal((rows, cols), np.float32))
+
+        lazy = ir.LazyTensor(make, dtype=ir.DataType.FLOAT, shape=ir.Shape([rows, cols]), name=f"w{i}")
+        weight = ir.Value(name=f"w{i}", shape=lazy.shape, type=ir.TensorType(lazy.dtype), const_value=lazy)
+        graph.register_initializer(weight)
+        node = ir.Node("", "MatMul", [x, weight], name=f"m{i}", num_outputs=1)
+        node.outputs[0].name = f"y{i}"
+        graph.append(node)
+        graph.outputs.append(node.outputs[0])
+
+    class Builder:
+        ep, matmul_attrs = "cpu", {}
+        model = ir.Model(graph, ir_version=10)
+        quant_attrs = {"use_qdq": False, "op_types_to_quantize": ("MatMul",), "matmul_block_size": 32,
+                       "is_symmetric": True, "accuracy_level": 4, "bits": 4, "nodes_to_exclude": []}  # fmt: skip
+
+    before = _anon_mb()
+    model = genai_builder.streaming_to_nbits(Builder(), lambda b: pytest.fail("took the stock pass"))
+    grown = _anon_mb() - before
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == count and "MatMul" not in ops
+    assert [v.name for v in model.graph.outputs] == [f"y{i}" for i in range(count)]
+    assert sorted(model.graph.initializers) == sorted(
+        f"w{i}_{suffix}" for i in range(count) for suffix in ("Q4", "scales")
+    ), sorted(model.graph.initializers)
+    assert grown < 120, f"the pass left {grown:.0f} MB behind (int4 of 8 x 32 MB is ~40 MB)"
+
+
+def test_a_weight_past_the_proto_limit_goes_in_column_slices(monkeypatch):
+    """A weight over PROTO_BYTES (the 7B LM head's fp32 copy is 2.2 GB; protobuf stops at 2 GB)
+    is quantized in slices of columns: the same node and tensors as the whole weight at once."""
+    rows, cols = 96, 1000  # K not a multiple of the block, columns not a multiple of the slice
+    array = np.random.default_rng(0).standard_normal((rows, cols), np.float32)
+    x = ir.Value(name="x", shape=ir.Shape(["n", rows]), type=ir.TensorType(ir.DataType.FLOAT))
+    weight = ir.Value(name="w", const_value=ir.Tensor(array, name="w"))
+    node = ir.Node("", "MatMul", [x, weight], name="m", num_outputs=1)
+    node.outputs[0].name = "y"
+    for symmetric in (True, False):
+        quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+            block_size=32, is_symmetric=symmetric, accuracy_level=4, bits=4))  # fmt: skip
+        whole_node, whole = genai_builder._quantize_one(quantizer, node)
+        monkeypatch.setattr(genai_builder, "PROTO_BYTES", rows * 4 * 300)  # slices of 300 columns
+        split_node, split = genai_builder._quantize_one(quantizer, node)
+        monkeypatch.undo()
+        assert split_node == whole_node
+        assert [t.name for t in split] == [t.name for t in whole] and len(whole) == 2 + (not symmetric)
+        for a, b in zip(split, whole, strict=True):
+            assert a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes(), a.name
